@@ -1,0 +1,246 @@
+"""Every hyperparameter of a training run, checked in words a user understands.
+
+The names are the API's field names (``POST /lora-train/v1/train``) and the tab's controls.
+The lecture's vocabulary: a *step* is one optimizer update of ``batch_size ×
+gradient_accumulation`` samples; *regularization* is the prior-preservation strength (0 =
+off, the "Dedicated" approach; 0.1–1 with class images, the "Generative" one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
+OPTIMIZERS = ("adamw", "adamw8bit")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+#: The lecture's default preview negative prompt.
+LECTURE_NEGATIVE_PROMPT = (
+    "grain, pattern, disfigured, kitsch, ugly, oversaturated, grain, low-res, Deformed, blurry, "
+    "bad anatomy, disfigured, poorly drawn face, mutation, mutated, extra limb, poorly drawn "
+    "hands, missing limb, blurry, floating limbs, disconnected limbs, malformed hands, blur, out "
+    "of focus, long neck, long body, disgusting, poorly drawn, childish, mutilated, mangled, old, "
+    "surreal")
+
+_NAME_FORBIDDEN = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+
+
+class ConfigError(ValueError):
+    """Raised with every problem of a config at once, one message per line."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class TrainConfig:
+    # What to learn
+    trigger: str = "sks"
+    name: str = ""  # LoRA file name; empty = the trigger
+    instance_dir: str = ""
+    class_dir: str = ""
+    class_prompt: str = ""
+    regularization: float = 0.0  # prior-preservation strength; 0 = off ("Dedicated")
+    # How long and how hard
+    steps: int = 200
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    # The adapter
+    network: str = "lora"
+    rank: int = 32
+    alpha: float = 32.0
+    conv_rank: int = 8  # LoCon/LoHa/LoKr convolution rank
+    conv_alpha: float = 8.0
+    train_text_encoder: bool = False
+    text_encoder_lr: float = 5e-5
+    # Images
+    resolution: int = 512
+    buckets: bool = False
+    augment: bool = False  # flip, small rotation, scale crops ("make one image four")
+    flip: bool = False  # horizontal flip only (keeps the latent cache: both sides are cached)
+    # Numerics
+    seed: int = 1
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float = 0.0  # 0 = off
+    noise_offset: float = 0.0
+    # Previews and saves
+    preview_prompt: str = ""  # empty = the trigger
+    preview_negative_prompt: str = LECTURE_NEGATIVE_PROMPT
+    preview_every: int = 0  # 0 = no previews
+    preview_seed: int = 1
+    preview_steps: int = 20
+    preview_cfg: float = 5.0
+    save_every: int = 0  # 0 = only the final file
+    save_dtype: str = "fp16"
+    overwrite: bool = False
+    comment: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_name(self) -> str:
+        return (self.name or self.trigger).strip()
+
+    @property
+    def effective_preview_prompt(self) -> str:
+        return self.preview_prompt.strip() or self.trigger.strip()
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.regularization > 0
+
+    def problems(self) -> list[str]:
+        """Every reason this config cannot train, in words for the user (empty if fine)."""
+        p: list[str] = []
+        trigger = self.trigger.strip()
+        if not trigger:
+            p.append("trigger must not be empty")
+        elif re.search(r"[<>:]", trigger):
+            p.append("trigger must not contain '<', '>' or ':' (they break <lora:...> prompts)")
+        name = self.output_name
+        if not name:
+            p.append("LoRA name must not be empty")
+        elif _NAME_FORBIDDEN.search(name) or name in (".", "..") or name != name.strip(". "):
+            p.append("LoRA name must not contain path characters (< > : \" / \\ | ? *) "
+                     "or start/end with a dot or space")
+        elif len(name) > 100:
+            p.append("LoRA name must be at most 100 characters")
+        _range(p, "steps", self.steps, 1, 100_000)
+        _range(p, "learning rate", self.learning_rate, 1e-7, 1e-1)
+        _range(p, "batch size", self.batch_size, 1, 64)
+        _range(p, "gradient accumulation", self.gradient_accumulation, 1, 128)
+        _range(p, "rank", self.rank, 1, 128)
+        _range(p, "alpha", self.alpha, 1e-3, 1024)
+        _range(p, "convolution rank", self.conv_rank, 1, 128)
+        _range(p, "convolution alpha", self.conv_alpha, 1e-3, 1024)
+        _range(p, "text encoder learning rate", self.text_encoder_lr, 1e-7, 1e-1)
+        _range(p, "regularization strength", self.regularization, 0, 10)
+        _range(p, "warmup steps", self.lr_warmup_steps, 0, max(self.steps, 0))
+        _range(p, "weight decay", self.weight_decay, 0, 1)
+        _range(p, "gradient clipping norm", self.max_grad_norm, 0, 1e4)
+        _range(p, "min-SNR gamma", self.min_snr_gamma, 0, 100)
+        _range(p, "noise offset", self.noise_offset, 0, 1)
+        _range(p, "preview every", self.preview_every, 0, 100_000)
+        _range(p, "preview steps", self.preview_steps, 1, 150)
+        _range(p, "preview CFG scale", self.preview_cfg, 1, 30)
+        _range(p, "save every", self.save_every, 0, 100_000)
+        if not isinstance(self.resolution, int) or self.resolution % 64 or not 64 <= self.resolution <= 2048:
+            p.append("resolution must be a multiple of 64 between 64 and 2048")
+        _choice(p, "network type", self.network, NETWORK_TYPES)
+        _choice(p, "LR schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice(p, "optimizer", self.optimizer, OPTIMIZERS)
+        _choice(p, "precision", self.precision, PRECISIONS)
+        _choice(p, "save precision", self.save_dtype, ("fp16", "bf16", "fp32"))
+        if self.regularization > 0 and not self.class_prompt.strip():
+            p.append("class prompt is needed when regularization is above 0 (e.g. 'woman')")
+        return p
+
+    def validate(self) -> "TrainConfig":
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from API/UI values; unknown keys are reported, types are coerced."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError([f"unknown setting '{k}'" for k in unknown])
+        kwargs: dict[str, Any] = {}
+        problems: list[str] = []
+        for key, value in values.items():
+            default = getattr(cls(), key)
+            try:
+                kwargs[key] = _coerce(value, type(default))
+            except (TypeError, ValueError):
+                problems.append(f"{key} must be a {type(default).__name__}, got {value!r}")
+        if problems:
+            raise ConfigError(problems)
+        return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if value.lower() in ("false", "0", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        return bool(value)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    return value
+
+
+def _range(problems: list[str], label: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or not low <= value <= high:
+        problems.append(f"{label} must be between {low:g} and {high:g}")
+
+
+def _choice(problems: list[str], label: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        problems.append(f"{label} must be one of: {', '.join(allowed)}")
+
+
+# --- The lecture's two approaches ------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Regularization off, short, batch × LR ≈ 1e-3 (the lecture's experiment #A).
+    "Dedicated": {"regularization": 0.0, "steps": 200, "batch_size": 2, "learning_rate": 5e-4,
+                  "gradient_accumulation": 1, "rank": 32, "alpha": 32.0},
+    # Prior preservation with class images, deeper training ("repair the damages").
+    "Generative": {"regularization": 0.2, "steps": 400, "batch_size": 1, "learning_rate": 1e-4,
+                   "gradient_accumulation": 1, "rank": 32, "alpha": 32.0},
+}
+
+
+def apply_preset(config: TrainConfig, preset: str) -> TrainConfig:
+    if preset not in PRESETS:
+        raise ConfigError([f"preset must be one of: {', '.join(PRESETS)}"])
+    return dataclasses.replace(config, **PRESETS[preset])
+
+
+@dataclass(frozen=True)
+class EpochArithmetic:
+    images: int
+    samples_per_step: int
+    samples_seen: int
+    epochs: float
+
+    def describe(self, batch_size: int, accumulation: int, steps: int) -> str:
+        return (f"{self.images} images, batch {batch_size}, accumulation {accumulation}, "
+                f"{steps} steps → {self.samples_seen} samples, {self.epochs:g} epochs")
+
+
+def epoch_arithmetic(images: int, batch_size: int, accumulation: int, steps: int) -> EpochArithmetic:
+    """The lecture's arithmetic: 5 images × 3 epochs = 15 samples = 8 steps at batch 2."""
+    per_step = batch_size * accumulation
+    seen = per_step * steps
+    epochs = round(seen / images, 2) if images else 0.0
+    return EpochArithmetic(images, per_step, seen, epochs)

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny ldm models built in code (random weights, CPU, seconds)."""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+GOLDEN = os.path.join(os.path.dirname(ROOT), "shared", "golden")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> str:
+    from lora_dreambooth.tiny import write_tiny_clip
+    return write_tiny_clip(str(tmp_path_factory.mktemp("tiny-clip")))
+
+
+@pytest.fixture()
+def tiny_sd1(tiny_clip_dir):
+    """A fresh tiny SD1 LatentDiffusion (fp32, eval) for each test: tests may change it."""
+    from lora_dreambooth.tiny import build_tiny_sd1
+    return build_tiny_sd1(seed=0, clip_dir=tiny_clip_dir)
