@@ -108,9 +108,9 @@ class TrainConfig:
             p.append("trigger must not be empty")
         elif re.search(r"[<>:]", trigger):
             p.append("trigger must not contain '<', '>' or ':' (they break <lora:...> prompts)")
-        name = self.output_name
+        name = self.output_name  # empty only when the trigger is, which is reported above
         if not name:
-            p.append("LoRA name must not be empty")
+            pass
         elif _NAME_FORBIDDEN.search(name) or name in (".", "..") or name != name.strip(". "):
             p.append("LoRA name must not contain path characters (< > : \" / \\ | ? *) "
                      "or start/end with a dot or space")

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny ldm models built in code (random weights, CPU, seconds)."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import warnings
@@ -22,8 +23,13 @@ def tiny_clip_dir(tmp_path_factory) -> str:
     return write_tiny_clip(str(tmp_path_factory.mktemp("tiny-clip")))
 
 
-@pytest.fixture()
-def tiny_sd1(tiny_clip_dir):
-    """A fresh tiny SD1 LatentDiffusion (fp32, eval) for each test: tests may change it."""
+@pytest.fixture(scope="session")
+def _tiny_sd1_pristine(tiny_clip_dir):
     from lora_dreambooth.tiny import build_tiny_sd1
     return build_tiny_sd1(seed=0, clip_dir=tiny_clip_dir)
+
+
+@pytest.fixture()
+def tiny_sd1(_tiny_sd1_pristine):
+    """A fresh tiny SD1 LatentDiffusion (fp32, eval) for each test: tests may change it."""
+    return copy.deepcopy(_tiny_sd1_pristine)
