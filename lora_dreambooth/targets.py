@@ -1,10 +1,22 @@
 """Which modules of an ldm model get adapters, and the kohya name of each.
 
-(Being written: see find_targets.)
+The names are what kohya sd-scripts writes and A1111's Lora extension reads: for the SD1/SD2
+UNet, ``lora_unet_`` + the *diffusers* path of the module (``down_blocks_0_attentions_0_...``),
+for the text encoder ``lora_te_`` + the HF ``CLIPTextModel`` path
+(``text_model_encoder_layers_<i>_self_attn_q_proj``). A1111 holds the model in ldm (compvis)
+layout, so every ldm module is given the diffusers name of its counterpart.
+
+The compvis → diffusers block mapping is read from the UNet itself (levels, res blocks per
+level, which blocks carry a transformer), not from SD1.5's numbers. A1111 maps the names back
+with hard-coded factors (3 input blocks per level, upsampler at index 1 in the first up
+block), which agree with this mapping for every real SD1/SD2 model (2 res blocks per level,
+no attention on the deepest level).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -24,3 +36,211 @@ class Target:
     path: str
     part: str
     locon_only: bool = False
+
+
+NETWORKS = ("lora", "locon", "loha", "lokr")
+
+#: ldm ResBlock child → diffusers ResnetBlock2D child (the only Linear/Conv2d it has).
+_RESBLOCK_NAMES = {
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+
+#: OpenCLIP residual block child → HF CLIP encoder layer child (SD2 text encoder).
+_OPENCLIP_MLP_NAMES = {"mlp.c_fc": "mlp_fc1", "mlp.c_proj": "mlp_fc2"}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def find_targets(model: nn.Module, network: str = "lora",
+                 train_text_encoder: bool = False) -> list[Target]:
+    """The modules kohya sd-scripts adapts in an ldm ``LatentDiffusion`` (SD1 or SD2).
+
+    network "lora": every Linear and 1×1 Conv2d inside the UNet's SpatialTransformers.
+    "locon"/"loha"/"lokr" add the ResBlock Linear/Conv2d modules and the down/up-sample
+    convolutions (``locon_only=True``). With ``train_text_encoder`` the text encoder's
+    attention projections and MLP layers are added (``part="te"``).
+
+    SD2 text encoder (OpenCLIP): q/k/v live in one fused ``nn.MultiheadAttention.in_proj``,
+    so the three q/k/v targets of a layer share the path of that ``MultiheadAttention``;
+    :func:`fused_qkv_index` says which third of ``in_proj_weight`` each one is. The layers
+    the conditioning skips (the last one for "penultimate") are not targets.
+    """
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network type {network!r}; expected one of {', '.join(NETWORKS)}")
+    if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
+        raise NotImplementedError("SDXL models are not supported yet (only SD1 and SD2)")
+    unet = model.get_submodule("model.diffusion_model")
+    targets = _unet_targets(unet, "model.diffusion_model")
+    if network == "lora":
+        targets = [t for t in targets if not t.locon_only]
+    if train_text_encoder:
+        targets += _te_targets(model)
+    return targets
+
+
+def fused_qkv_index(target: Target) -> int | None:
+    """0/1/2 if ``target`` is the q/k/v slice of a fused ``in_proj`` (SD2 text encoder), whose
+    rows ``[i*d, (i+1)*d)`` of ``in_proj_weight`` it adapts; None for an ordinary module."""
+    if target.part != "te" or not target.path.endswith(".attn"):
+        return None
+    for i, suffix in enumerate(_QKV):
+        if target.kohya_name.endswith("_" + suffix):
+            return i
+    return None
+
+
+# --- UNet -------------------------------------------------------------------------------
+
+def _unet_targets(unet: nn.Module, prefix: str) -> list[Target]:
+    """Walk input/middle/output blocks, naming each block's children the diffusers way."""
+    res_per_level = _res_blocks_per_level(unet)
+    levels = len(res_per_level)
+    out: list[Target] = []
+
+    # input_blocks[0] is conv_in (kohya never targets it); then per level: one block per
+    # res block, and a downsample block after every level but the last.
+    idx = 1
+    for level in range(levels):
+        for j in range(res_per_level[level]):
+            out += _block_targets(unet.input_blocks[idx], f"{prefix}.input_blocks.{idx}",
+                                  f"down_blocks_{level}", j)
+            idx += 1
+        if level != levels - 1:
+            out += _block_targets(unet.input_blocks[idx], f"{prefix}.input_blocks.{idx}",
+                                  f"down_blocks_{level}", 0)
+            idx += 1
+    _expect(idx == len(unet.input_blocks), "input_blocks")
+
+    # middle_block: ResBlock, SpatialTransformer, ResBlock → resnets_0, attentions_0, resnets_1.
+    counts = {"ResBlock": 0, "SpatialTransformer": 0}
+    for k, child in enumerate(unet.middle_block):
+        kind = type(child).__name__
+        _expect(kind in counts, f"middle_block.{k} ({kind})")
+        out += _child_targets(child, f"{prefix}.middle_block.{k}", "mid_block", counts[kind])
+        counts[kind] += 1
+
+    # output_blocks: up block i is level (levels-1-i), with res_per_level+1 blocks; the last
+    # block of every up block but the last ends with an Upsample.
+    idx = 0
+    for i in range(levels):
+        for j in range(res_per_level[levels - 1 - i] + 1):
+            out += _block_targets(unet.output_blocks[idx], f"{prefix}.output_blocks.{idx}",
+                                  f"up_blocks_{i}", j)
+            idx += 1
+    _expect(idx == len(unet.output_blocks), "output_blocks")
+    return out
+
+
+def _res_blocks_per_level(unet: nn.Module) -> list[int]:
+    n = unet.num_res_blocks
+    if isinstance(n, int):
+        return [n] * len(unet.channel_mult)
+    return list(n)
+
+
+def _block_targets(block: nn.Module, path: str, diffusers_block: str, j: int) -> list[Target]:
+    """Targets of one ``TimestepEmbedSequential``: the j-th res block of a diffusers block,
+    its attention, and/or its down/up-sampler."""
+    out: list[Target] = []
+    for k, child in enumerate(block):
+        out += _child_targets(child, f"{path}.{k}", diffusers_block, j)
+    return out
+
+
+def _child_targets(child: nn.Module, path: str, diffusers_block: str, j: int) -> list[Target]:
+    kind = type(child).__name__
+    if kind == "SpatialTransformer":
+        # Children are named exactly as in diffusers' Transformer2DModel.
+        return [_unet_target(f"{diffusers_block}_attentions_{j}_{name}", f"{path}.{name}",
+                             locon_only=_is_spatial_conv(m))
+                for name, m in _linear_or_conv(child)]
+    if kind == "ResBlock":
+        out: list[Target] = []
+        for name, _ in _linear_or_conv(child):
+            _expect(name in _RESBLOCK_NAMES, f"{path}.{name}")
+            out.append(_unet_target(f"{diffusers_block}_resnets_{j}_{_RESBLOCK_NAMES[name]}",
+                                    f"{path}.{name}", locon_only=True))
+        return out
+    if kind in ("Downsample", "Upsample"):
+        sampler = "downsamplers" if kind == "Downsample" else "upsamplers"
+        return [_unet_target(f"{diffusers_block}_{sampler}_0_conv", f"{path}.{name}", locon_only=True)
+                for name, _ in _linear_or_conv(child)]  # Downsample.op / Upsample.conv, if a conv
+    raise ValueError(f"unexpected UNet block {kind} at {path}: not an SD1/SD2 ldm UNet layout")
+
+
+def _unet_target(diffusers_name: str, path: str, locon_only: bool) -> Target:
+    return Target(kohya_name="lora_unet_" + diffusers_name.replace(".", "_"), path=path,
+                  part="unet", locon_only=locon_only)
+
+
+def _linear_or_conv(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in module.named_modules()
+            if name and isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _is_spatial_conv(module: nn.Module) -> bool:
+    """kohya's plain LoRA takes Linear and 1×1 convs only; larger kernels need conv_dim."""
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def _expect(ok: bool, where: str) -> None:
+    if not ok:
+        raise ValueError(f"unexpected UNet layout at {where}: not an SD1/SD2 ldm UNet")
+
+
+# --- text encoder -----------------------------------------------------------------------
+
+def _te_targets(model: nn.Module) -> list[Target]:
+    """A1111 wraps the embedder (``cond_stage_model.wrapped``); a plain ldm model does not."""
+    embedder_path = "cond_stage_model"
+    embedder = model.get_submodule(embedder_path)
+    if hasattr(embedder, "wrapped"):
+        embedder_path += ".wrapped"
+        embedder = embedder.wrapped
+    transformer = getattr(embedder, "transformer", None)
+    if transformer is not None and hasattr(transformer, "text_model"):
+        return _hf_clip_targets(transformer, embedder_path + ".transformer")
+    clip = getattr(embedder, "model", None)
+    if clip is not None and hasattr(getattr(clip, "transformer", None), "resblocks"):
+        skipped = int(getattr(embedder, "layer_idx", 1))
+        return _openclip_targets(clip.transformer, embedder_path + ".model.transformer", skipped)
+    raise NotImplementedError(
+        f"text-encoder training is not supported for {type(embedder).__name__}")
+
+
+def _hf_clip_targets(transformer: nn.Module, path: str) -> list[Target]:
+    """SD1: every Linear in the CLIPAttention and CLIPMLP modules of the HF CLIPTextModel."""
+    out: list[Target] = []
+    for name, module in transformer.named_modules():
+        if not any(type(module).__name__.startswith(c) for c in ("CLIPAttention", "CLIPSdpa",
+                                                                 "CLIPFlash", "CLIPMLP")):
+            continue
+        for child, _ in _linear_or_conv(module):
+            full = f"{name}.{child}"
+            out.append(Target(kohya_name="lora_te_" + full.replace(".", "_"),
+                              path=f"{path}.{full}", part="te"))
+    return out
+
+
+def _openclip_targets(transformer: nn.Module, path: str, skipped: int) -> list[Target]:
+    """SD2: OpenCLIP resblocks under kohya's HF names. Layers past the one the conditioning
+    reads (``layer_idx`` from the end) get no gradient and kohya's converted model lacks them."""
+    out: list[Target] = []
+    blocks = transformer.resblocks
+    for i in range(len(blocks) - skipped):
+        attn = blocks[i].attn
+        if not (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim):
+            raise NotImplementedError("text-encoder training on SD2 needs a fused in_proj "
+                                      f"MultiheadAttention at resblocks.{i}.attn")
+        base = f"lora_te_text_model_encoder_layers_{i}_"
+        block_path = f"{path}.resblocks.{i}"
+        out += [Target(base + "self_attn_" + p, f"{block_path}.attn", "te") for p in _QKV]
+        out.append(Target(base + "self_attn_out_proj", f"{block_path}.attn.out_proj", "te"))
+        out += [Target(base + kohya, f"{block_path}.{name}", "te")
+                for name, kohya in _OPENCLIP_MLP_NAMES.items()]
+    return out
+
+
+__all__ = ["Target", "NETWORKS", "find_targets", "fused_qkv_index"]

@@ -73,14 +73,14 @@ def write_tiny_clip(folder: str, hidden: int = 32, layers: int = 2, heads: int =
 
 def unet_config(model_channels: int = 32, channel_mult: tuple[int, ...] = (1, 2),
                 context_dim: int = 32, linear_transformer: bool = False) -> dict[str, Any]:
-    """ldm UNetModel parameters with SD's layout (2 res blocks per level, attention on every
-    level, spatial transformers) at a tiny width."""
+    """ldm UNetModel parameters with SD's layout at a tiny width: 2 res blocks per level,
+    spatial transformers on every level but the deepest (A1111's name mapping assumes that)."""
     return {
         "target": _UNET_TARGET,
         "params": {
             "image_size": 8, "in_channels": 4, "out_channels": 4,
             "model_channels": model_channels, "channel_mult": list(channel_mult),
-            "num_res_blocks": 2, "attention_resolutions": [2 ** i for i in range(len(channel_mult))],
+            "num_res_blocks": 2, "attention_resolutions": [2 ** i for i in range(len(channel_mult) - 1)],
             "num_heads": 2, "use_spatial_transformer": True, "transformer_depth": 1,
             "context_dim": context_dim, "use_checkpoint": False, "legacy": False,
             "use_linear_in_transformer": linear_transformer,
