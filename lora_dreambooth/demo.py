@@ -38,9 +38,10 @@ def draw_class_image(seed: int, size: int = 64) -> Image.Image:
     image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 255, 3)))
     draw = ImageDraw.Draw(image)
     for _ in range(3):
-        x0, y0 = rng.integers(0, size // 2, 2)
-        x1, y1 = x0 + rng.integers(8, size // 2, 2)
-        draw.rectangle((int(x0), int(y0), int(x1), int(y1)), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        corner = rng.integers(0, size // 2, 2)
+        x0, y0 = (int(v) for v in corner)
+        x1, y1 = (int(v) for v in corner + rng.integers(8, size // 2, 2))
+        draw.rectangle((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
     return image
 
 
