@@ -1,12 +1,38 @@
-"""The training loop (being written by the lead): API below is fixed, the host codes against it."""
+"""The training loop: DreamBooth with prior preservation, on the model in place.
+
+One *step* is one optimizer update of ``batch_size × gradient_accumulation`` samples (the
+lecture's definition). Each micro-batch: sample latents from the (cached) VAE posterior, add
+noise at random timesteps with the model's own schedule, predict with the adapted UNet, and
+take the MSE against the noise (or velocity for "v" models), min-SNR weighted if asked; with
+prior preservation the class half of the batch is weighted by the regularization strength.
+
+Whatever happens the model ends as it began: adapters removed, flags restored, and a
+snapshot comparison proves it. Stopping saves what was trained; an error writes nothing.
+"""
 from __future__ import annotations
 
+import contextlib
+import csv
+import dataclasses
+import json
+import os
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
 from PIL import Image
 
+from . import export
+from .adapters import Adapters, inject
 from .config import TrainConfig
+from .data import DreamBoothDataset, MicroBatch
+from .guard import ModelSnapshot
+from .model import LdmBackend
+from .preview import render_preview
+from .targets import find_targets
 
 
 class TrainingError(RuntimeError):
@@ -21,7 +47,7 @@ class Progress:
     lr: float            # current UNet learning rate
     samples_per_s: float
     eta_s: float
-    phase: str = "training"  # "loading" | "caching" | "training" | "saving"
+    phase: str = "training"  # "caching" | "training" | "saving"
 
 
 @dataclass
@@ -36,20 +62,308 @@ class TrainCallbacks:
 
 @dataclass
 class TrainResult:
-    path: str             # the .safetensors written
-    sidecar_path: str     # <name>.json
-    name: str             # final name (name, name-1, ...)
+    path: Optional[str]          # the .safetensors written; None when stopped before step 1
+    sidecar_path: Optional[str]  # <name>.json
+    name: Optional[str]          # final name (name, name-1, ...)
     steps_done: int
     cancelled: bool
     losses: list[float]
-    previews: list[str]   # preview image paths in run_dir
+    previews: list[str]          # preview image paths in run_dir
     run_dir: str
+    skipped: list = field(default_factory=list)  # data.Skipped of unusable images
+
+
+class _Stopped(Exception):
+    """should_stop() said yes in the middle of a step."""
 
 
 def train_lora(model, config: TrainConfig, lora_dir: str, run_dir: str,
                callbacks: Optional[TrainCallbacks] = None) -> TrainResult:
-    """Train an adapter in place on `model` (ldm LatentDiffusion, plain or A1111-wrapped),
-    write `<lora_dir>/<name>.safetensors` + `<name>.json`, previews / loss.csv / config.json in
-    `run_dir`. Stop (should_stop) saves what was trained; any exception restores the model,
-    writes nothing and raises TrainingError. The model is restored bit-identically either way."""
-    raise NotImplementedError
+    """Train an adapter in place on ``model`` (ldm LatentDiffusion, plain or A1111-wrapped),
+    write ``<lora_dir>/<name>.safetensors`` + ``<name>.json``, and previews / ``loss.csv`` /
+    ``config.json`` in ``run_dir``. Stopping saves what was trained; any exception restores the
+    model, writes nothing in ``lora_dir`` and raises ``TrainingError``."""
+    config.validate()
+    callbacks = callbacks or TrainCallbacks()
+    log = callbacks.on_log or (lambda message: None)
+    dataset = DreamBoothDataset(config, on_progress=log)  # bad data fails before the model is touched
+    for skipped in dataset.skipped:
+        log(f"skipped {os.path.basename(skipped.path)}: {skipped.reason}")
+    backend = LdmBackend(model)
+    os.makedirs(run_dir, exist_ok=True)
+    run = _RunFiles(run_dir, config)
+
+    snapshot = ModelSnapshot.take(model)
+    adapters: Optional[Adapters] = None
+    try:
+        model.requires_grad_(False)  # only adapter weights get gradients
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # adapter initialisation is reproducible
+            adapters = inject(model, find_targets(model, config.network, config.train_text_encoder), config)
+        loop = _Loop(backend, adapters, dataset, config, callbacks, run)
+        steps_done, cancelled = loop.run()
+        result = TrainResult(None, None, None, steps_done, cancelled, loop.losses, run.previews, run_dir,
+                             dataset.skipped)
+        if steps_done > 0:
+            _report(callbacks, Progress(steps_done, config.steps, loop.last_loss, 0.0, 0.0, 0.0, "saving"))
+            os.makedirs(lora_dir, exist_ok=True)
+            saved = _save(adapters, config, lora_dir, backend, dataset, steps_done, run.last_preview)
+            result.path, result.sidecar_path, result.name = saved.path, saved.sidecar_path, saved.name
+            log(f"saved {saved.path} after {steps_done} steps")
+        else:
+            log("stopped before the first step: nothing to save")
+        return result
+    except Exception as error:
+        raise TrainingError(f"training failed: {error}") from error
+    finally:
+        if adapters is not None:
+            adapters.remove()
+        snapshot.restore_flags(model)
+        differences = snapshot.differences(model)
+        if differences:  # never expected; loud if it ever happens
+            raise TrainingError("the model was not restored exactly: " + "; ".join(differences[:5]))
+
+
+def _save(adapters: Adapters, config: TrainConfig, folder: str, backend: LdmBackend,
+          dataset: DreamBoothDataset, steps_done: int, cover: Optional[Image.Image],
+          name: Optional[str] = None) -> export.ExportResult:
+    if name is not None:
+        config = dataclasses.replace(config, name=name, overwrite=True)
+    return export.save_lora(adapters, config, folder, sd_version=backend.family.upper(),
+                            steps_done=steps_done, num_train_images=dataset.num_instance_images,
+                            tag_frequency=dataset.tag_frequency, cover_image=cover)
+
+
+def _report(callbacks: TrainCallbacks, progress: Progress) -> None:
+    if callbacks.on_progress:
+        callbacks.on_progress(progress)
+
+
+def prior_preservation_loss(per_sample: torch.Tensor, is_class: torch.Tensor, strength: float) -> torch.Tensor:
+    """DreamBooth's loss: instance MSE + strength × class MSE (class samples present only
+    with prior preservation)."""
+    loss = per_sample[~is_class].mean()
+    if is_class.any():
+        loss = loss + strength * per_sample[is_class].mean()
+    return loss
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, parameterization: str) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al. 2023): min(SNR, γ) / SNR for ε-prediction, min(SNR, γ) / (SNR + 1)
+    for v-prediction; all ones when γ is 0 (off)."""
+    if not gamma:
+        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+    snr = compute_snr(scheduler, timesteps)
+    return torch.clamp(snr, max=gamma) / (snr + 1 if parameterization == "v" else snr)
+
+
+class _RunFiles:
+    """The run folder: config.json, loss.csv (one row per step) and preview images."""
+
+    def __init__(self, run_dir: str, config: TrainConfig):
+        self.run_dir = run_dir
+        self.previews: list[str] = []
+        self.last_preview: Optional[Image.Image] = None
+        export.atomic_write(os.path.join(run_dir, "config.json"),
+                            lambda tmp: _write_json(tmp, config.to_dict()))
+        self.loss_path = os.path.join(run_dir, "loss.csv")
+        with open(self.loss_path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(["step", "loss", "lr"])
+
+    def add_loss(self, step: int, loss: float, lr: float) -> None:
+        with open(self.loss_path, "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow([step, f"{loss:.6f}", f"{lr:.3e}"])
+
+    def add_preview(self, step: int, image: Image.Image) -> str:
+        path = os.path.join(self.run_dir, f"preview-{step:05d}.png")
+        export.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+        self.previews.append(path)
+        self.last_preview = image
+        return path
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+
+
+class _Loop:
+    """Optimizer, schedules and the step loop for one run."""
+
+    def __init__(self, backend: LdmBackend, adapters: Adapters, dataset: DreamBoothDataset,
+                 config: TrainConfig, callbacks: TrainCallbacks, run: _RunFiles):
+        self.backend, self.adapters, self.dataset = backend, adapters, dataset
+        self.config, self.callbacks, self.run_files = config, callbacks, run
+        self.log = callbacks.on_log or (lambda message: None)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.noise_scheduler = backend.training_scheduler()
+        self.losses: list[float] = []
+        self.last_loss = float("nan")
+        self.autocast_dtype = _autocast_dtype(config.precision, backend)
+        self.optimizer = self._make_optimizer()
+        self.lr_scheduler = get_scheduler(config.lr_schedule, self.optimizer,
+                                          num_warmup_steps=config.lr_warmup_steps,
+                                          num_training_steps=config.steps)
+        use_scaler = self.autocast_dtype == torch.float16 and backend.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups = [{"params": self.adapters.parameters_for("unet"), "lr": self.config.learning_rate}]
+        if self.config.train_text_encoder:
+            groups.append({"params": self.adapters.parameters_for("te"), "lr": self.config.text_encoder_lr})
+        if self.config.optimizer == "adamw8bit":
+            bnb = _bitsandbytes_on_cuda(self.backend.device)
+            if bnb is not None:
+                return bnb.optim.AdamW8bit(groups, weight_decay=self.config.weight_decay)
+            self.log("8-bit AdamW needs bitsandbytes and a CUDA GPU: using AdamW instead")
+        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+
+    # --- conditioning --------------------------------------------------------------------
+
+    def _conditioning(self, prompts: list[str], cache: Optional[dict[str, torch.Tensor]]) -> torch.Tensor:
+        if cache is None:  # text encoder trains: encode with gradients every time
+            return self.backend.encode_prompts(prompts)
+        return torch.cat([cache[p] for p in prompts])
+
+    def _prompt_cache(self) -> Optional[dict[str, torch.Tensor]]:
+        if self.config.train_text_encoder:
+            return None
+        with torch.no_grad(), self._autocast():
+            return {p: self.backend.encode_prompts([p]).detach() for p in self.dataset.prompts()}
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.backend.device.type, dtype=self.autocast_dtype)
+
+    # --- one micro-batch -----------------------------------------------------------------
+
+    def _latents(self, batch: MicroBatch) -> torch.Tensor:
+        moments = batch.moments if batch.moments is not None else self.backend.encode_moments(batch.pixels)
+        return self.backend.latents_from_moments(moments, self.generator).float()
+
+    def _loss(self, batch: MicroBatch, cond_cache: Optional[dict[str, torch.Tensor]]) -> torch.Tensor:
+        device = self.backend.device
+        latents = self._latents(batch)
+        n = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=self.generator)
+        if self.config.noise_offset:
+            noise += self.config.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=self.generator)
+        noise = noise.to(device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,),
+                                  generator=self.generator).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.backend.parameterization == "eps" else \
+            self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        with self._autocast():
+            cond = self._conditioning(batch.prompts, cond_cache)
+            prediction = self.backend.predict(noisy, timesteps, cond)
+        per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+        per_sample = per_sample * min_snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma,
+                                                  self.backend.parameterization)
+        return prior_preservation_loss(per_sample, batch.is_class.to(device), self.config.regularization)
+
+    # --- the run ---------------------------------------------------------------------------
+
+    def run(self) -> tuple[int, bool]:
+        config = self.config
+        if self.dataset.cacheable:
+            self.dataset.cache_latents(self.backend.encode_moments, on_progress=self._caching_progress)
+        cond_cache = self._prompt_cache()
+        batches = self.dataset.micro_batches(config.batch_size, self.generator)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        samples_per_step = config.batch_size * config.gradient_accumulation
+        started = time.perf_counter()
+        step = 0
+        with self.backend.gradient_checkpointing(config.gradient_checkpointing):
+            try:
+                for step in range(1, config.steps + 1):
+                    lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step uses
+                    loss = self._step(batches, cond_cache, params)
+                    self.losses.append(loss)
+                    self.last_loss = loss
+                    self.run_files.add_loss(step, loss, lr)
+                    elapsed = time.perf_counter() - started
+                    rate = step * samples_per_step / elapsed if elapsed > 0 else 0.0
+                    eta = (config.steps - step) * elapsed / step
+                    _report(self.callbacks, Progress(step, config.steps, loss, lr, rate, eta))
+                    self._after_step(step)
+            except _Stopped:
+                self.log(f"stopped after {step - 1} of {config.steps} steps")
+                return step - 1, True
+        return config.steps, False
+
+    def _step(self, batches: Iterator[MicroBatch], cond_cache, params: list[torch.nn.Parameter]) -> float:
+        accumulation = self.config.gradient_accumulation
+        total = 0.0
+        for _ in range(accumulation):
+            if self.callbacks.should_stop():
+                self.optimizer.zero_grad(set_to_none=True)
+                raise _Stopped()
+            loss = self._loss(next(batches), cond_cache) / accumulation
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _after_step(self, step: int) -> None:
+        config = self.config
+        if config.preview_every and (step % config.preview_every == 0 or step == config.steps):
+            image = self._render_preview(step)
+            path = self.run_files.add_preview(step, image)
+            if self.callbacks.on_preview:
+                self.callbacks.on_preview(step, image, path)
+        if config.save_every and step % config.save_every == 0 and step < config.steps:
+            saved = _save(self.adapters, config, self.run_files.run_dir, self.backend, self.dataset,
+                          step, self.run_files.last_preview, name=f"{config.output_name}-step{step:05d}")
+            self.log(f"saved intermediate {saved.path}")
+
+    def _render_preview(self, step: int) -> Image.Image:
+        if self.callbacks.render_preview:
+            return self.callbacks.render_preview(step)
+        config = self.config
+        with self._autocast():
+            return render_preview(self.backend, config.effective_preview_prompt,
+                                  config.preview_negative_prompt, seed=config.preview_seed,
+                                  steps=config.preview_steps, cfg_scale=config.preview_cfg,
+                                  width=config.resolution, height=config.resolution)
+
+    def _caching_progress(self, done: int, total: int) -> None:
+        _report(self.callbacks, Progress(0, self.config.steps, float("nan"), 0.0, 0.0, 0.0, "caching"))
+
+
+def _autocast_dtype(precision: str, backend: LdmBackend) -> Optional[torch.dtype]:
+    """Mixed precision for the forward pass; adapters stay fp32 either way.
+
+    "auto" follows the loaded weights (A1111 keeps the UNet in fp16 unless --no-half)."""
+    base = backend.unet_dtype
+    if precision == "auto":
+        return None if base == torch.float32 else base
+    if precision == "fp32":
+        if base != torch.float32:
+            raise ValueError("fp32 precision needs the model in fp32 (start A1111 with --no-half)")
+        return None
+    wanted = torch.float16 if precision == "fp16" else torch.bfloat16
+    if wanted == torch.float16 and backend.device.type == "cpu":
+        raise ValueError("fp16 precision needs a GPU; use bf16 or fp32 on CPU")
+    return wanted
+
+
+def _bitsandbytes_on_cuda(device: torch.device):
+    if device.type != "cuda":
+        return None
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None
+    return bitsandbytes
