@@ -114,17 +114,20 @@ def _randomise_zero_inits(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_tiny_sd1(seed: int = 0, clip_dir: str | None = None, model_channels: int = 32,
-                   channel_mult: tuple[int, ...] = (1, 2), parameterization: str = "eps"):
-    """A tiny SD1-layout ``LatentDiffusion`` on CPU in fp32, in eval mode as A1111 holds it."""
+                   channel_mult: tuple[int, ...] = (1, 2), parameterization: str = "eps",
+                   context_dim: int = 32):
+    """A tiny SD1-layout ``LatentDiffusion`` on CPU in fp32, in eval mode as A1111 holds it.
+    ``context_dim`` must equal the hidden size of the CLIP in ``clip_dir`` (one of that width
+    is written when none is given)."""
     from ldm.models.diffusion.ddpm import LatentDiffusion
 
     torch.manual_seed(seed)
     if clip_dir is None:
-        clip_dir = write_tiny_clip(tempfile.mkdtemp(prefix="tiny-clip-"))
+        clip_dir = write_tiny_clip(tempfile.mkdtemp(prefix="tiny-clip-"), hidden=context_dim)
     model = LatentDiffusion(
         first_stage_config=vae_config(),
         cond_stage_config={"target": _CLIP_TARGET, "params": {"version": clip_dir, "device": "cpu"}},
-        unet_config=unet_config(model_channels, channel_mult),
+        unet_config=unet_config(model_channels, channel_mult, context_dim),
         conditioning_key="crossattn", cond_stage_key="txt", first_stage_key="jpg",
         image_size=8, channels=4, timesteps=1000, linear_start=0.00085, linear_end=0.012,
         scale_factor=0.18215, use_ema=False, monitor=None, parameterization=parameterization,
@@ -132,4 +135,68 @@ def build_tiny_sd1(seed: int = 0, clip_dir: str | None = None, model_channels: i
     _randomise_zero_inits(model, seed)
     model.eval()
     model.is_sd1, model.is_sd2, model.is_sdxl = True, False, False
+    return model
+
+
+_OPENCLIP_TARGET = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
+
+#: Name the tiny OpenCLIP architecture is registered under with ``open_clip.add_model_config``.
+TINY_OPENCLIP_ARCH = "lora-dreambooth-tiny-openclip"
+
+
+def _tiny_openclip_config(width: int, layers: int, heads: int) -> dict[str, Any]:
+    """An OpenCLIP model config shaped like SD2's ViT-H-14 text tower at a tiny width.
+
+    The vocabulary stays 49408 because ``open_clip.tokenize`` (which ldm's embedder calls)
+    always uses OpenCLIP's bundled BPE vocabulary. The vision tower is the smallest that
+    builds: ldm's embedder deletes it right away."""
+    return {
+        "embed_dim": width,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": heads,
+                     "layers": layers},
+    }
+
+
+def _register_tiny_openclip(width: int, layers: int, heads: int) -> str:
+    """Register the tiny architecture with open_clip (once per shape) and return its name."""
+    import open_clip
+
+    arch = f"{TINY_OPENCLIP_ARCH}-w{width}-l{layers}-h{heads}"
+    if open_clip.get_model_config(arch) is None:
+        folder = tempfile.mkdtemp(prefix="tiny-openclip-")
+        path = os.path.join(folder, arch + ".json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_tiny_openclip_config(width, layers, heads), f)
+        open_clip.add_model_config(path)
+    return arch
+
+
+def build_tiny_sd2(seed: int = 0, parameterization: str = "v", model_channels: int = 32,
+                   channel_mult: tuple[int, ...] = (1, 2), text_width: int = 32, text_layers: int = 3):
+    """A tiny SD2-layout ``LatentDiffusion`` on CPU in fp32, in eval mode as A1111 holds it.
+
+    Like SD 2.x: linear ``proj_in``/``proj_out`` in the transformers, heads of a fixed width
+    (``num_head_channels``), v-prediction by default, and ldm's ``FrozenOpenCLIPEmbedder``
+    reading the penultimate layer of an OpenCLIP text tower (random weights,
+    ``version=None``: nothing is downloaded). Its last text layer is skipped as in SD2."""
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+
+    torch.manual_seed(seed)
+    unet = unet_config(model_channels, channel_mult, context_dim=text_width, linear_transformer=True)
+    unet["params"].update(num_heads=-1, num_head_channels=16)
+    arch = _register_tiny_openclip(text_width, text_layers, heads=2)
+    model = LatentDiffusion(
+        first_stage_config=vae_config(),
+        cond_stage_config={"target": _OPENCLIP_TARGET,
+                           "params": {"arch": arch, "version": None, "device": "cpu",
+                                      "layer": "penultimate"}},
+        unet_config=unet,
+        conditioning_key="crossattn", cond_stage_key="txt", first_stage_key="jpg",
+        image_size=8, channels=4, timesteps=1000, linear_start=0.00085, linear_end=0.012,
+        scale_factor=0.18215, use_ema=False, monitor=None, parameterization=parameterization,
+    )
+    _randomise_zero_inits(model, seed)
+    model.eval()
+    model.is_sd1, model.is_sd2, model.is_sdxl = False, True, False
     return model

@@ -1,0 +1,188 @@
+"""Seconds per step of our training loop vs a bare UNet forward + backward + AdamW step with the
+same adapters, on the same model and shape, measured in one run; plus peak memory of each.
+
+    .venv/bin/python bench/step_overhead.py                      # tiny SD1 widths
+    .venv/bin/python bench/step_overhead.py --sd15-widths        # SD1.5 UNet widths, random weights
+    .venv/bin/python bench/step_overhead.py --checkpointing      # with gradient checkpointing
+
+The two are measured in alternating rounds (bare, loop, bare, loop, ...) and compared by their
+median step time, so a noisy machine affects both alike. Our loop's time per step is the time
+between consecutive progress callbacks: data, noise, timesteps, conditioning lookup, loss,
+backward, clipping, AdamW, LR schedule and the loss log. Goal: ratio ≤ 1.05.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lora_dreambooth.adapters import inject  # noqa: E402
+from lora_dreambooth.config import TrainConfig  # noqa: E402
+from lora_dreambooth.demo import draw_character, write_images  # noqa: E402
+from lora_dreambooth.model import LdmBackend  # noqa: E402
+from lora_dreambooth.targets import find_targets  # noqa: E402
+from lora_dreambooth.tiny import build_tiny_sd1, write_tiny_clip  # noqa: E402
+from lora_dreambooth.train import TrainCallbacks, train_lora  # noqa: E402
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, the largest over all measured rounds: the CUDA
+    allocator's peak on a GPU, else the process's resident set sampled every 2 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            yield
+            torch.cuda.synchronize()
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated() - start)
+            return
+        start = _rss()
+        peak = [start]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], _rss())
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            sampler.join()
+            self.peak_bytes = max(self.peak_bytes, peak[0] - start)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bare_steps(model, config: TrainConfig, steps: int) -> list[float]:
+    """The floor: the same adapters, fixed latents and conditioning, nothing else."""
+    backend = LdmBackend(model)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    adapters = inject(model, find_targets(model, config.network, False), config)
+    try:
+        optimizer = torch.optim.AdamW(adapters.parameters_for("unet"), lr=config.learning_rate)
+        size = config.resolution // 8
+        latents = torch.randn(config.batch_size, 4, size, size, device=backend.device)
+        with torch.no_grad():
+            cond = backend.encode_prompts([config.trigger] * config.batch_size)
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, 1000, (config.batch_size,), device=backend.device)
+            prediction = backend.predict(latents + noise, timesteps, cond)
+            torch.nn.functional.mse_loss(prediction.float(), noise).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(backend.device)
+            times.append(time.perf_counter() - started)
+        return times
+    finally:
+        adapters.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
+def loop_steps(model, config: TrainConfig, work: str) -> list[float]:
+    """Our loop, timed between consecutive progress callbacks."""
+    stamps: list[float] = []
+
+    def on_progress(progress) -> None:
+        if progress.phase == "training":
+            _sync(LdmBackend(model).device)
+            stamps.append(time.perf_counter())
+
+    def on_caching_done(progress) -> None:
+        if progress.phase == "caching":
+            stamps.clear()
+            stamps.append(time.perf_counter())
+        else:
+            on_progress(progress)
+
+    train_lora(model, config, os.path.join(work, "lora"), os.path.join(work, "run"),
+               TrainCallbacks(on_progress=on_caching_done))
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sd15-widths", action="store_true",
+                        help="SD1.5 UNet widths (320, ×1 ×2 ×4 ×4, context 768), random weights")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--network", default="lora")
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="bench-")
+    if args.sd15_widths:
+        clip_dir = os.path.join(work, "clip")
+        os.makedirs(clip_dir)
+        write_tiny_clip(clip_dir, hidden=768, layers=2, heads=12)
+        model = build_tiny_sd1(clip_dir=clip_dir, model_channels=320, channel_mult=(1, 2, 4, 4), context_dim=768)
+    else:
+        model = build_tiny_sd1()
+    model.to(args.device)
+    shape = "SD1.5 widths" if args.sd15_widths else "tiny"
+    unet_params = sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6
+    images = write_images(os.path.join(work, "images"), draw_character, 4)
+    config = TrainConfig(trigger="wpg", instance_dir=images, steps=args.steps + 1, batch_size=args.batch,
+                         resolution=args.resolution, network=args.network, rank=32, alpha=32.0,
+                         learning_rate=1e-4, gradient_checkpointing=args.checkpointing, overwrite=True)
+
+    bare: list[float] = []
+    ours: list[float] = []
+    bare_memory, loop_memory = PeakMemory(model.device), PeakMemory(model.device)
+    bare_steps(model, config, 2)  # warm-up: first-call allocations and kernel selection
+    for round_no in range(args.rounds):
+        with bare_memory.measure():
+            bare += bare_steps(model, config, args.steps)
+        with loop_memory.measure():
+            ours += loop_steps(model, config, os.path.join(work, f"round{round_no}"))
+
+    bare_median, ours_median = statistics.median(bare), statistics.median(ours)
+    print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
+    print(f"model: {shape} UNet ({unet_params:.1f} M params), device {args.device}, "
+          f"{args.resolution}px, batch {args.batch}, {args.network} rank 32, "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, torch threads {torch.get_num_threads()}")
+    print(f"bare UNet fwd+bwd+AdamW : median {bare_median * 1000:8.1f} ms/step over {len(bare)} steps, "
+          f"peak memory +{bare_memory.peak_bytes / 2**20:.0f} MiB")
+    print(f"our training loop       : median {ours_median * 1000:8.1f} ms/step over {len(ours)} steps, "
+          f"peak memory +{loop_memory.peak_bytes / 2**20:.0f} MiB")
+    print(f"ratio loop / bare       : {ours_median / bare_median:.3f}  (goal ≤ 1.05)")
+
+
+if __name__ == "__main__":
+    main()
