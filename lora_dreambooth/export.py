@@ -1,0 +1,253 @@
+"""The trained adapter as a kohya-format ``.safetensors`` file A1111's Lora loader applies
+exactly, plus the ``<name>.json`` sidecar its card reads. Every file appears atomically.
+
+What A1111 1.10.1 computes from the tensors (``tests/a1111_lora.py`` re-implements it):
+LoRA ``up @ down × alpha/rank``; LoHa ``(w1a@w1b) ⊙ (w2a@w2b) × alpha/rank``; LoKr
+``kron(w1, w2)`` × alpha/rank *only* when w1 or w2 is decomposed. peft trains the same
+formulas for LoRA and LoHa, so their tensors and alpha are written as they are. peft 0.13.2's
+LoKr never applies alpha/r, so the file's alpha is the rank: A1111's scale is then 1 (and
+ignored anyway when both factors are full), which is what was trained.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import safetensors.torch
+import torch
+
+from .adapters import ADAPTER, Adapters, Layer
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+#: Stems A1111 would treat as the same network (or whose sidecar/preview would attach to it).
+_NAME_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".json", ".png", ".preview.png")
+
+#: sd_version → (ss_base_model_version, ss_v2, modelspec architecture, sidecar "sd version")
+_VERSIONS = {
+    "sd1": ("sd_v1", "False", "stable-diffusion-v1", "SD1"),
+    "sd2": ("sd_v2", "True", "stable-diffusion-v2-512", "SD2"),
+    "sd2-v": ("sd_v2", "True", "stable-diffusion-v2-768-v", "SD2"),
+    "sdxl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base", "SDXL"),
+}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: str
+    sidecar_path: str
+    name: str
+
+
+def file_alpha(layer: Layer, network: str) -> float:
+    """The ``.alpha`` to write so that A1111's scale equals the one peft trained with."""
+    return float(layer.rank) if network == "lokr" else float(layer.alpha)
+
+
+def _layer_tensors(layer: Layer, network: str) -> dict[str, torch.Tensor]:
+    wrapper = layer.wrapper
+    if network in ("lora", "locon"):
+        # peft's lora_A/lora_B are kohya's lora_down/lora_up with the same shapes (4-D for
+        # convolutions, 1×1 up). Never write lora_A/lora_B names: A1111 drops alpha for them.
+        return {"lora_down.weight": wrapper.lora_A[ADAPTER].weight,
+                "lora_up.weight": wrapper.lora_B[ADAPTER].weight}
+    # peft's LoHa/LoKr parameter names (hada_w1_a, lokr_w2_b, ...) are the kohya suffixes,
+    # with the same layouts (verified against A1111's calc_updown in tests/test_export.py).
+    return {name: getattr(wrapper, name)[ADAPTER] for name in wrapper.adapter_layer_names
+            if ADAPTER in getattr(wrapper, name)}
+
+
+def kohya_tensors(adapters: Adapters, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """``<kohya_name>.<suffix>`` → CPU tensor in ``dtype``; ``.alpha`` stays a float32 scalar
+    so the scale A1111 computes is exact for any alpha."""
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in adapters.layers:
+        prefix = layer.target.kohya_name
+        for suffix, t in _layer_tensors(layer, adapters.network).items():
+            tensors[f"{prefix}.{suffix}"] = t.detach().to("cpu", dtype).contiguous()
+        tensors[f"{prefix}.alpha"] = torch.tensor(file_alpha(layer, adapters.network), dtype=torch.float32)
+    return tensors
+
+
+def _hash_after_header(data: bytes) -> str:
+    header_length = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(memoryview(data)[8 + header_length:]).hexdigest()
+
+
+def addnet_hash(path: str) -> str:
+    """kohya's / A1111's "addnet" hash (``sshs_model_hash``): sha256 of a safetensors file's
+    bytes after the 8-byte header length and the JSON header."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header_length)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unique_name(folder: str, name: str, overwrite: bool) -> str:
+    """``name`` if free (or ``overwrite``), else the first free ``name-1``, ``name-2``, ..."""
+    if overwrite:
+        return name
+    candidate, n = name, 0
+    while any(os.path.exists(os.path.join(folder, candidate + s)) for s in _NAME_SUFFIXES):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(temp_path)`` for a temp file in the target's folder, flush it to disk and
+    move it over ``path`` in one step: readers see the old file or the whole new one, never a
+    partial one. On any failure the temp file is removed and nothing else changes."""
+    folder, base = os.path.split(os.path.abspath(path))
+    # A dot name ending in .tmp: hidden, and not a model file for A1111's folder listing.
+    # (Not tempfile.mkstemp: its 0600 mode would carry over to the final file.)
+    temp = os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(temp)
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
+def _write_bytes(data: bytes) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+    return write
+
+
+def _png_base64(image: "Image.Image") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _version(sd_version: str) -> tuple[str, str, str, str]:
+    try:
+        return _VERSIONS[sd_version.lower()]
+    except KeyError:
+        raise ValueError(f"sd_version must be one of {', '.join(_VERSIONS)}, got {sd_version!r}") from None
+
+
+def describe(config: TrainConfig, steps_done: int) -> str:
+    """The hyperparameters in one readable line (the sidecar's "notes")."""
+    te = f"text encoder lr {config.text_encoder_lr:g}" if config.train_text_encoder else "text encoder frozen"
+    reg = (f"regularization {config.regularization:g} with '{config.class_prompt}'"
+           if config.prior_preservation else "no regularization")
+    alphas = ("alpha not applied (LoKr)" if config.network == "lokr"
+              else f"alpha {config.alpha:g}, conv alpha {config.conv_alpha:g}")
+    return (f"lora-dreambooth: {config.network}, rank {config.rank}, conv rank {config.conv_rank}, "
+            f"{alphas}; {steps_done} of "
+            f"{config.steps} steps, batch {config.batch_size} × accumulation "
+            f"{config.gradient_accumulation}, lr {config.learning_rate:g} ({config.lr_schedule}), "
+            f"{te}, {config.optimizer}, resolution {config.resolution}, {reg}, seed {config.seed}")
+
+
+def lora_metadata(adapters: Adapters, config: TrainConfig, name: str, *, sd_version: str,
+                  steps_done: int, num_train_images: int, tag_frequency: dict,
+                  cover_image: "Optional[Image.Image]" = None,
+                  extra_metadata: Optional[dict] = None) -> dict[str, str]:
+    """kohya's ``ss_*`` and SAI ``modelspec.*`` fields, all strings. ``extra_metadata`` is
+    added first, so it cannot override these (``sshs_model_hash`` is added by ``save_lora``)."""
+    base_version, v2, architecture, _ = _version(sd_version)
+    lokr = adapters.network == "lokr"
+    alpha = config.rank if lokr else config.alpha
+    conv_alpha = config.conv_rank if lokr else config.conv_alpha
+    te_lr = config.text_encoder_lr if config.train_text_encoder else 0.0
+    meta: dict[str, Any] = dict(extra_metadata or {})
+    meta.update({
+        "ss_output_name": name,
+        "ss_network_module": "networks.lora" if adapters.network == "lora" else "lycoris.kohya",
+        "ss_network_dim": config.rank,
+        "ss_network_alpha": float(alpha),
+        "ss_base_model_version": base_version,
+        "ss_v2": v2,
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_num_train_images": num_train_images,
+        "ss_steps": steps_done,
+        "ss_max_train_steps": config.steps,
+        "ss_learning_rate": config.learning_rate,
+        "ss_unet_lr": config.learning_rate,
+        "ss_text_encoder_lr": te_lr,
+        "ss_network_train_unet_only": not config.train_text_encoder,
+        "ss_batch_size_per_device": config.batch_size,
+        "ss_gradient_accumulation_steps": config.gradient_accumulation,
+        "ss_lr_scheduler": config.lr_schedule,
+        "ss_lr_warmup_steps": config.lr_warmup_steps,
+        "ss_optimizer": config.optimizer,
+        "ss_seed": config.seed,
+        "ss_prior_loss_weight": config.regularization,
+        "ss_min_snr_gamma": config.min_snr_gamma,
+        "ss_noise_offset": config.noise_offset,
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_training_comment": config.comment,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
+                                     if sd_version.lower() == "sdxl" else "diffusers"),
+        "modelspec.title": name,
+        "modelspec.trigger_phrase": config.trigger,
+        "modelspec.date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+    })
+    if adapters.network != "lora":
+        meta["ss_network_args"] = json.dumps({"algo": adapters.network, "conv_dim": str(config.conv_rank),
+                                              "conv_alpha": str(float(conv_alpha))})
+    if cover_image is not None:
+        meta["ssmd_cover_images"] = json.dumps([_png_base64(cover_image)])
+    return {key: str(value) for key, value in meta.items()}
+
+
+def save_lora(adapters: Adapters, config: TrainConfig, folder: str, *, sd_version: str, steps_done: int,
+              num_train_images: int, tag_frequency: dict, cover_image: "Optional[Image.Image]" = None,
+              extra_metadata: Optional[dict] = None) -> ExportResult:
+    """Write ``<folder>/<name>.safetensors`` and ``<name>.json``.
+
+    ``name`` is ``config.output_name``, or ``name-1``, ``name-2``... when taken and
+    ``config.overwrite`` is off. ``sd_version``: "sd1", "sd2", "sd2-v" (768 v-prediction) or
+    "sdxl", any case. Tensors are saved in ``config.save_dtype``."""
+    os.makedirs(folder, exist_ok=True)
+    name = unique_name(folder, config.output_name, config.overwrite)
+    path = os.path.join(folder, name + ".safetensors")
+    sidecar_path = os.path.join(folder, name + ".json")
+    tensors = kohya_tensors(adapters, SAVE_DTYPES[config.save_dtype])
+    metadata = lora_metadata(adapters, config, name, sd_version=sd_version, steps_done=steps_done,
+                             num_train_images=num_train_images, tag_frequency=tag_frequency,
+                             cover_image=cover_image, extra_metadata=extra_metadata)
+    # The hash covers only the bytes after the header, which metadata does not change:
+    # serialise, hash, and serialise again with the hash in the header.
+    metadata["sshs_model_hash"] = _hash_after_header(safetensors.torch.save(tensors, metadata))
+    data = safetensors.torch.save(tensors, metadata)
+    if _hash_after_header(data) != metadata["sshs_model_hash"]:
+        raise RuntimeError("safetensors laid the tensors out differently on the second pass")
+
+    sidecar = {"description": "", "sd version": _version(sd_version)[3], "activation text": config.trigger,
+               "preferred weight": 1.0, "negative text": "", "notes": describe(config, steps_done)}
+    sidecar_bytes = json.dumps(sidecar, indent=2, ensure_ascii=False).encode("utf-8")
+    existed = os.path.exists(path)
+    atomic_write(path, _write_bytes(data))
+    try:
+        atomic_write(sidecar_path, _write_bytes(sidecar_bytes))
+    except BaseException:
+        if not existed:  # no half-saved LoRA left behind
+            os.remove(path)
+        raise
+    return ExportResult(path, sidecar_path, name)
