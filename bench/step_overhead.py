@@ -5,8 +5,9 @@ same adapters, on the same model and shape, measured in one run; plus peak memor
     .venv/bin/python bench/step_overhead.py --sd15-widths        # SD1.5 UNet widths, random weights
     .venv/bin/python bench/step_overhead.py --checkpointing      # with gradient checkpointing
 
-The two are measured in alternating rounds (bare, loop, bare, loop, ...) and compared by their
-median step time, so a noisy machine affects both alike. Our loop's time per step is the time
+The two are timed in alternating rounds (bare, loop, bare, loop, ...) and compared by their
+median step time, so a noisy machine affects both alike; peak memory is measured in one
+further run of each. Our loop's time per step is the time
 between consecutive progress callbacks: data, noise, timesteps, conditioning lookup, loss,
 backward, clipping, AdamW, LR schedule and the loss log. Goal: ratio ≤ 1.05.
 """
@@ -36,8 +37,9 @@ from lora_dreambooth.train import TrainCallbacks, train_lora  # noqa: E402
 
 
 class PeakMemory:
-    """Peak memory above the level at entry, the largest over all measured rounds: the CUDA
-    allocator's peak on a GPU, else the process's resident set sampled every 2 ms."""
+    """Peak memory above the level at entry: the CUDA allocator's peak on a GPU, else the
+    process's resident set sampled every 20 ms (measured apart from the timing rounds: a
+    sampling thread competes for the GIL)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -51,7 +53,7 @@ class PeakMemory:
             start = torch.cuda.memory_allocated()
             yield
             torch.cuda.synchronize()
-            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated() - start)
+            self.peak_bytes = torch.cuda.max_memory_allocated() - start
             return
         start = _rss()
         peak = [start]
@@ -60,7 +62,7 @@ class PeakMemory:
         def sample() -> None:
             while not stop.is_set():
                 peak[0] = max(peak[0], _rss())
-                time.sleep(0.002)
+                time.sleep(0.02)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -69,7 +71,7 @@ class PeakMemory:
         finally:
             stop.set()
             sampler.join()
-            self.peak_bytes = max(self.peak_bytes, peak[0] - start)
+            self.peak_bytes = peak[0] - start
 
 
 def _rss() -> int:
@@ -166,11 +168,13 @@ def main() -> None:
     ours: list[float] = []
     bare_memory, loop_memory = PeakMemory(model.device), PeakMemory(model.device)
     bare_steps(model, config, 2)  # warm-up: first-call allocations and kernel selection
-    for round_no in range(args.rounds):
-        with bare_memory.measure():
-            bare += bare_steps(model, config, args.steps)
-        with loop_memory.measure():
-            ours += loop_steps(model, config, os.path.join(work, f"round{round_no}"))
+    for round_no in range(args.rounds):  # timing rounds: no memory sampler running
+        bare += bare_steps(model, config, args.steps)
+        ours += loop_steps(model, config, os.path.join(work, f"round{round_no}"))
+    with bare_memory.measure():  # memory: one more run of each, sampled
+        bare_steps(model, config, args.steps)
+    with loop_memory.measure():
+        loop_steps(model, config, os.path.join(work, "memory"))
 
     bare_median, ours_median = statistics.median(bare), statistics.median(ours)
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")

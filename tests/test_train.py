@@ -270,3 +270,34 @@ def test_the_wrapped_a1111_embedder_trains_the_text_encoder(tiny_sd1, images, tm
     assert state_hash(tiny_sd1) == before
     with safe_open(result.path, "pt") as f:
         assert any(k.startswith("lora_te_") for k in f.keys())
+
+
+def test_8bit_adamw_falls_back_with_a_message_without_cuda(tiny_sd1, images, tmp_path):
+    messages = []
+    result = run(tiny_sd1, make_config(images, steps=1, optimizer="adamw8bit"), tmp_path,
+                 TrainCallbacks(on_log=messages.append))
+    assert "8-bit AdamW needs bitsandbytes and a CUDA GPU: using AdamW instead" in messages
+    assert result.steps_done == 1
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_conditionings_are_cached_only_while_the_text_encoder_is_frozen(tiny_sd1, images, tmp_path,
+                                                                        train_text_encoder):
+    calls = []
+    original = LdmBackend.encode_prompts
+
+    def counting(self, prompts):
+        calls.append((list(prompts), torch.is_grad_enabled()))
+        return original(self, prompts)
+
+    LdmBackend.encode_prompts = counting
+    try:
+        run(tiny_sd1, make_config(images, steps=3, train_text_encoder=train_text_encoder,
+                                  class_dir=images["class"], class_prompt="person", regularization=1.0),
+            tmp_path)
+    finally:
+        LdmBackend.encode_prompts = original
+    if train_text_encoder:  # every micro-batch, with gradients
+        assert calls == [(["wpg", "person"], True)] * 3
+    else:  # each distinct prompt once, without gradients
+        assert sorted(c[0][0] for c in calls) == ["person", "wpg"] and not any(c[1] for c in calls)
