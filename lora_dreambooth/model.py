@@ -43,6 +43,13 @@ class LdmBackend:
                 "supported")
         self.family = "sd2" if _is_sd2(model) else "sd1"
 
+    @property
+    def sd_version(self) -> str:
+        """The export's version tag: "sd1", "sd2" (512-base, eps) or "sd2-v" (768-v)."""
+        if self.family == "sd2" and self.parameterization == "v":
+            return "sd2-v"
+        return self.family
+
     # --- where things live --------------------------------------------------------------
 
     @property

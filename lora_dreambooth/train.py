@@ -129,7 +129,7 @@ def _save(adapters: Adapters, config: TrainConfig, folder: str, backend: LdmBack
           name: Optional[str] = None) -> export.ExportResult:
     if name is not None:
         config = dataclasses.replace(config, name=name, overwrite=True)
-    return export.save_lora(adapters, config, folder, sd_version=backend.family.upper(),
+    return export.save_lora(adapters, config, folder, sd_version=backend.sd_version,
                             steps_done=steps_done, num_train_images=dataset.num_instance_images,
                             tag_frequency=dataset.tag_frequency, cover_image=cover)
 

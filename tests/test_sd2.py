@@ -74,3 +74,33 @@ def test_find_targets_gives_fused_text_encoder_targets(sd2):
         assert out.path == attn_path + ".out_proj" and fused_qkv_index(out) is None
         assert isinstance(sd2.get_submodule(attn_path), torch.nn.MultiheadAttention)
     assert any(t.part == "unet" for t in targets)
+
+
+def test_sd2_trains_end_to_end_with_its_text_encoder(tmp_path) -> None:
+    """A v-prediction SD2 run: restored bit-identically, SD2 metadata, and every text-encoder
+    layer carries the complete q/k/v/out set A1111 needs to apply the fused attention."""
+    import json
+
+    from safetensors import safe_open
+
+    from lora_dreambooth.config import TrainConfig
+    from lora_dreambooth.demo import draw_character, write_images
+    from lora_dreambooth.guard import state_hash
+    from lora_dreambooth.train import train_lora
+
+    model = build_tiny_sd2()
+    before = state_hash(model)
+    config = TrainConfig(trigger="wpg", instance_dir=write_images(str(tmp_path / "images"), draw_character, 2),
+                         steps=2, resolution=64, rank=4, alpha=4.0, train_text_encoder=True)
+    result = train_lora(model, config, str(tmp_path / "lora"), str(tmp_path / "run"))
+    assert state_hash(model) == before
+    with safe_open(result.path, "pt") as f:
+        metadata, keys = f.metadata(), set(f.keys())
+    assert metadata["ss_v2"] == "True" and metadata["ss_base_model_version"] == "sd_v2"
+    assert "768-v" in metadata["modelspec.architecture"]
+    assert json.load(open(result.sidecar_path))["sd version"] == "SD2"
+    layers = {k.split("_self_attn_")[0] for k in keys if "_self_attn_" in k}
+    assert layers
+    for layer in layers:
+        for part in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            assert f"{layer}_self_attn_{part}.lora_down.weight" in keys
