@@ -1,0 +1,117 @@
+"""/lora-train/v1/{train,status,cancel}: the same job as the tab, protected by --api-auth.
+
+``POST /train`` takes TrainConfig's field names, plus ``instance_images`` (base64 images, or
+``{"name", "data"}`` objects) instead of ``instance_dir``. Everything is checked before anything
+is written or started: 422 lists every problem, 409 means a run is active, 202 gives the job id.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import uuid
+from secrets import compare_digest
+from typing import Any, Callable, Optional
+
+from fastapi import Body, Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from ..config import ConfigError, TrainConfig
+from . import files, paths
+from .job import JobStatus, RunRequest, TrainingJob, request_problems
+
+PREFIX = "/lora-train/v1"
+IMAGES_FIELD = "instance_images"
+
+
+def parse_credentials(api_auth: Optional[str]) -> dict[str, str]:
+    """``--api-auth "user:pass,user2:pass2"`` as A1111's Api reads it."""
+    credentials = {}
+    for pair in (api_auth or "").split(","):
+        if pair:
+            user, password = pair.split(":", 1)
+            credentials[user] = password
+    return credentials
+
+
+def basic_auth(credentials: dict[str, str]) -> Callable:
+    """HTTP Basic like A1111's ``Api.auth``: 401 unless user and password match."""
+    def auth(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:
+        if given.username in credentials and compare_digest(given.password, credentials[given.username]):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+    return auth
+
+
+def status_body(status: JobStatus) -> dict[str, Any]:
+    preview = None
+    if status.preview is not None:
+        buffer = io.BytesIO()
+        status.preview.save(buffer, format="PNG")
+        preview = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return {"job": status.job, "state": status.state, "step": status.step, "total": status.total,
+            "loss": status.loss, "eta_s": status.eta_s, "preview": preview, "output": status.output,
+            "error": status.error}
+
+
+def _busy() -> JSONResponse:
+    return JSONResponse(status_code=409, content={"detail": ["a training run is already active"]})
+
+
+def _prepare(payload: dict) -> tuple[Optional[TrainConfig], Optional[str], list[str]]:
+    """(config, staged image folder, problems); on problems nothing is left on disk."""
+    values = dict(payload)
+    images = values.pop(IMAGES_FIELD, None)
+    problems: list[str] = []
+    staging = None
+    if images is not None:
+        if values.get("instance_dir"):
+            problems.append(f"give either {IMAGES_FIELD} or instance_dir, not both")
+        staging, image_problems = files.stage_base64_images(images, IMAGES_FIELD)
+        problems += image_problems
+    config = None
+    try:
+        config = TrainConfig.from_dict(values)
+    except ConfigError as error:
+        problems += error.problems
+    if config is not None:
+        config.instance_dir = staging or config.instance_dir
+        problems += request_problems(config, check_instance=images is None)
+    if problems and staging:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging = None
+    return config, staging, problems
+
+
+def register(app: FastAPI, job: TrainingJob, api_auth: Optional[str] = None) -> None:
+    """on_app_started callback body."""
+    dependencies = [Depends(basic_auth(parse_credentials(api_auth)))] if api_auth else []
+
+    def train(payload: dict = Body(...)) -> JSONResponse:
+        if job.active:
+            return _busy()
+        config, staging, problems = _prepare(payload)
+        if problems:
+            return JSONResponse(status_code=422, content={"detail": problems})
+        job_id = uuid.uuid4().hex[:12]
+        upload_dir = None
+        if staging:
+            upload_dir = config.instance_dir = files.move_folder(staging, paths.upload_dir_name(job_id))
+        if not job.start_in_background(RunRequest(config, upload_dir=upload_dir), job_id):
+            if upload_dir:
+                shutil.rmtree(upload_dir, ignore_errors=True)
+            return _busy()
+        return JSONResponse(status_code=202, content={"job": job_id})
+
+    def status() -> dict[str, Any]:
+        return status_body(job.status())
+
+    def cancel() -> dict[str, Any]:
+        cancelled = job.cancel()
+        return {"cancelled": cancelled, **status_body(job.status())}
+
+    app.add_api_route(f"{PREFIX}/train", train, methods=["POST"], status_code=202, dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/cancel", cancel, methods=["POST"], dependencies=dependencies)

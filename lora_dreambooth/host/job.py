@@ -1,0 +1,301 @@
+"""The one training job. The tab (inside A1111's ``wrap_gradio_gpu_call``) and the API (a
+background thread that takes the same ``call_queue.queue_lock``) both run it, so training
+never overlaps generation and there is never more than one run.
+
+A run: check the model → undo A1111's merged LoRAs → hash the model → ``train_lora`` with
+callbacks that feed ``shared.state`` and this job's status → card picture and Lora list
+refresh → hash again (must be equal) → free memory. Cancel, A1111's Interrupt and Stop all end
+training at the next micro-batch and save what was trained."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from PIL import Image
+from modules import call_queue, shared
+
+from ..config import TrainConfig
+from ..export import atomic_write
+from ..guard import state_hash
+from ..train import Progress, TrainCallbacks, TrainResult, train_lora
+from . import a1111, files, paths, render, settings
+from .progress import ProgressBridge
+
+IDLE, RUNNING, DONE, CANCELLED, FAILED = "idle", "running", "done", "cancelled", "failed"
+MAX_LOG_LINES = 500
+
+
+@dataclass
+class JobStatus:
+    state: str = IDLE
+    job: Optional[str] = None
+    step: int = 0
+    total: int = 0
+    loss: Optional[float] = None
+    lr: Optional[float] = None
+    eta_s: Optional[float] = None
+    text: str = ""
+    trigger: str = ""
+    name: Optional[str] = None       # the LoRA's final name (name, name-1, …)
+    output: Optional[str] = None     # the .safetensors written
+    error: Optional[str] = None
+    preview: Optional[Image.Image] = None
+    previews: list[str] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def lora_prompt(self) -> str:
+        """What "Send to txt2img" puts in the prompt."""
+        return f"{self.trigger}, <lora:{self.name}:1>" if self.name else ""
+
+
+@dataclass
+class RunRequest:
+    config: TrainConfig
+    upload_dir: Optional[str] = None                  # API images, removed after the run
+    workspace: Optional[paths.Workspace] = None       # the tab's images, cleared after the run
+    # (both only when the "keep datasets" setting is off)
+
+
+def request_problems(config: TrainConfig, check_instance: bool = True) -> list[str]:
+    """Everything wrong with training ``config`` on the loaded model now, in words
+    (``check_instance=False`` when the caller has checked the instance images itself)."""
+    problems = config.problems()
+    if check_instance:
+        problems += files.folder_problems(config.instance_dir, "instance (dataset)")
+    if config.regularization > 0:
+        problems += files.folder_problems(config.class_dir, "class")
+    problems += a1111.model_problems(shared.sd_model)
+    return problems
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _Previews:
+    """Renders previews with A1111's sampler while the adapter is active."""
+
+    def __init__(self, config: TrainConfig, bridge: ProgressBridge, should_stop):
+        self.config, self.bridge, self.should_stop = config, bridge, should_stop
+        self.last: Optional[Image.Image] = None
+        self.fresh = False
+
+    def render(self, step: int) -> Image.Image:
+        c = self.config
+        image = None
+        if not self.should_stop():
+            image = render.txt2img(c.effective_preview_prompt, c.preview_negative_prompt,
+                                   seed=c.preview_seed, steps=c.preview_steps, cfg_scale=c.preview_cfg,
+                                   width=c.resolution, height=c.resolution)
+        self.bridge.rewrite()
+        self.fresh = image is not None
+        if image is not None:
+            self.last = image
+        # Interrupted mid-render: the engine still wants a picture; it stops right after.
+        return self.last or Image.new("RGB", (c.resolution, c.resolution), (127, 127, 127))
+
+
+class TrainingJob:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._status = JobStatus()
+        self._cancel = threading.Event()
+        self._outcome: tuple[str, Optional[str], Optional[str]] = (IDLE, None, None)  # (state, error, text)
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self) -> JobStatus:
+        """A copy, safe to read while the run goes on."""
+        with self._lock:
+            s = self._status
+            return dataclasses.replace(s, previews=list(s.previews), losses=list(s.losses), log=list(s.log))
+
+    @property
+    def active(self) -> bool:
+        with self._lock:
+            return self._status.state == RUNNING
+
+    def claim(self, job_id: str, config: TrainConfig) -> bool:
+        """Mark a run as started (False: one is active); its status replaces the last run's."""
+        with self._lock:
+            if self._status.state == RUNNING:
+                return False
+            self._status = JobStatus(state=RUNNING, job=job_id, total=config.steps,
+                                     trigger=config.trigger.strip(), text="Waiting for the GPU queue…")
+            self._cancel.clear()
+            return True
+
+    def cancel(self) -> bool:
+        """Stop the active run at its next micro-batch and save what was trained."""
+        if not self.active:
+            return False
+        self._cancel.set()
+        self._log("cancel requested: stopping and saving what was trained")
+        return True
+
+    def reset(self) -> bool:
+        """Forget the last run's status and log (not while one runs)."""
+        with self._lock:
+            if self._status.state == RUNNING:
+                return False
+            self._status = JobStatus()
+            return True
+
+    def _log(self, message: str) -> None:
+        print(f"[lora-train] {message}")
+        with self._lock:
+            self._status.log.append(message)
+            del self._status.log[:-MAX_LOG_LINES]
+
+    # --- running --------------------------------------------------------------------------
+
+    def start_in_background(self, request: RunRequest, job_id: str) -> bool:
+        """The API's way in: claim, then wait for A1111's queue lock in a thread."""
+        if not self.claim(job_id, request.config):
+            return False
+        threading.Thread(target=self._run_queued, args=(request, job_id), daemon=True,
+                         name=f"lora-train-{job_id}").start()
+        return True
+
+    def _run_queued(self, request: RunRequest, job_id: str) -> None:
+        with call_queue.queue_lock:  # what wrap_gradio_gpu_call does for the tab
+            shared.state.begin(job=f"lora-train-{job_id}")
+            try:
+                self.run(request)
+            finally:
+                shared.state.end()
+
+    def run(self, request: RunRequest) -> JobStatus:
+        """Run a claimed job; the caller holds ``call_queue.queue_lock``. The final state is
+        published last, once the model is checked, memory freed and files tidied."""
+        config = request.config
+        bridge = ProgressBridge(config.steps)
+        bridge.start()
+        self._outcome = (FAILED, "the run ended without a result", None)
+        try:
+            model = shared.sd_model
+            problems = a1111.model_problems(model)
+            if problems:
+                self._finish(FAILED, error=" ".join(problems))
+            elif self._should_stop():
+                self._finish(CANCELLED, text="Cancelled before training started: nothing saved")
+            else:
+                self._train(model, request, bridge)
+        except Exception as error:  # a host bug must still end the run as failed
+            self._finish(FAILED, error=f"{type(error).__name__}: {error}")
+        finally:
+            a1111.release_memory()
+            self._cleanup(request)
+            self._publish()
+        return self.status()
+
+    def _should_stop(self) -> bool:
+        state = shared.state
+        return self._cancel.is_set() or bool(state.interrupted) or bool(state.stopping_generation)
+
+    def _train(self, model: torch.nn.Module, request: RunRequest, bridge: ProgressBridge) -> None:
+        config = request.config
+        restored = a1111.deactivate_networks(model)
+        if restored:
+            self._log(f"deactivated A1111's LoRAs: restored base weights of {restored} layers")
+        before = state_hash(model)
+        self._log(f"model state before training: {before}")
+        previews = _Previews(config, bridge, self._should_stop)
+        callbacks = TrainCallbacks(
+            on_progress=lambda p: self._on_progress(p, bridge),
+            render_preview=previews.render,
+            on_preview=lambda step, image, path: self._on_preview(step, image, path, previews, bridge),
+            should_stop=self._should_stop,
+            on_log=self._log)
+        try:
+            result = train_lora(model, config, paths.lora_dir(), paths.new_run_dir(config.output_name), callbacks)
+        except Exception as error:
+            self._on_failure(error)
+        else:
+            self._on_result(result, previews.last)
+        finally:
+            after = state_hash(model)
+            same = after == before
+            self._log(f"model state after: {after} ({'unchanged' if same else 'CHANGED: reload the checkpoint'})")
+            if not same:
+                state, _error, text = self._outcome
+                self._outcome = (state, "The model's weights changed during training: reload the checkpoint.", text)
+
+    def _on_progress(self, progress: Progress, bridge: ProgressBridge) -> None:
+        bridge.update(progress)
+        loss = None if math.isnan(progress.loss) else progress.loss
+        with self._lock:
+            s = self._status
+            s.step, s.total, s.loss, s.lr, s.eta_s, s.text = (
+                progress.step, progress.total, loss, progress.lr, progress.eta_s, bridge.text)
+            if progress.phase == "training" and loss is not None:
+                s.losses.append((progress.step, loss))
+
+    def _on_preview(self, step: int, image: Image.Image, path: str, previews: _Previews,
+                    bridge: ProgressBridge) -> None:
+        if not previews.fresh:
+            self._log(f"preview at step {step} skipped (stopping)")
+            return
+        bridge.show(image)
+        with self._lock:
+            self._status.preview = image
+            self._status.previews.append(path)
+
+    def _on_result(self, result: TrainResult, cover: Optional[Image.Image]) -> None:
+        if result.path:
+            card = os.path.join(os.path.dirname(result.path), f"{result.name}.png")
+            if cover is not None:
+                atomic_write(card, lambda tmp: cover.save(tmp, format="PNG"))
+            elif os.path.exists(card):  # overwritten LoRA, no preview this time: no stale card
+                os.remove(card)
+            if a1111.refresh_lora_list():
+                self._log(f"Lora list refreshed: <lora:{result.name}:1> is ready")
+        with self._lock:
+            self._status.name, self._status.output = result.name, result.path
+        if result.cancelled:
+            done = f"saved {result.path}" if result.path else "nothing saved"
+            self._finish(CANCELLED, text=f"Cancelled after {result.steps_done} steps: {done}")
+        else:
+            self._finish(DONE, text=f"Finished {result.steps_done} steps: saved {result.path}")
+
+    def _on_failure(self, error: Exception) -> None:
+        if _is_out_of_memory(error):
+            message = ("Out of GPU memory: lower the batch size or resolution, or turn on gradient "
+                       "checkpointing (Advanced). The model was restored and nothing was saved.")
+        else:
+            message = f"{error} (the model was restored and nothing was saved)"
+        self._finish(FAILED, error=message)
+
+    def _finish(self, state: str, *, error: Optional[str] = None, text: Optional[str] = None) -> None:
+        if error:
+            self._log(f"failed: {error}")
+        self._outcome = (state, error, text)
+
+    def _publish(self) -> None:
+        state, error, text = self._outcome
+        with self._lock:
+            s = self._status
+            s.state, s.error = state, error
+            s.eta_s = None if state == FAILED else 0.0
+            s.text = text or error or s.text
+
+    def _cleanup(self, request: RunRequest) -> None:
+        if settings.get(settings.KEEP_DATASETS):
+            return
+        if request.upload_dir:
+            shutil.rmtree(request.upload_dir, ignore_errors=True)
+        if request.workspace:
+            files.clear_folder(request.workspace.instance_dir)
+            files.clear_folder(request.workspace.class_dir)

@@ -1,0 +1,64 @@
+"""Engine progress → ``shared.state``, which A1111's progress bar (/internal/progress), its
+/sdapi/v1/progress and the live preview read.
+
+A training step is one A1111 "job" (``job_no`` of ``job_count``); ``sampling_step(s)`` are left
+to the preview sampler, which moves them (and ``job_no``) while it runs, so every update
+writes the whole picture again."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from PIL import Image
+from modules import shared
+
+from ..train import Progress
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def describe(progress: Progress) -> str:
+    """One line (A1111 shows textinfo in the bar only when it has no newline)."""
+    if progress.phase == "caching":
+        return f"Caching latents… (0/{progress.total} steps)"
+    if progress.phase == "saving":
+        return f"Saving after {progress.step}/{progress.total} steps…"
+    loss = "–" if math.isnan(progress.loss) else f"{progress.loss:.4f}"
+    return (f"Step {progress.step}/{progress.total} · loss {loss} · LR {progress.lr:.2e} · "
+            f"ETA {format_eta(progress.eta_s)}")
+
+
+class ProgressBridge:
+    def __init__(self, total_steps: int):
+        self.total = total_steps
+        self.last: Optional[Progress] = None
+        self.text = "Preparing…"
+
+    def start(self, text: str = "Preparing…") -> None:
+        self.text = text
+        self._write(0)
+
+    def update(self, progress: Progress) -> None:
+        self.last = progress
+        self.text = describe(progress)
+        self._write(progress.step)
+
+    def rewrite(self) -> None:
+        """Put our numbers back after a preview render moved them."""
+        self._write(self.last.step if self.last else 0)
+
+    def show(self, image: Image.Image) -> None:
+        shared.state.assign_current_image(image)
+
+    def _write(self, step: int) -> None:
+        state = shared.state
+        state.job_count = self.total
+        state.job_no = min(step, self.total)
+        state.sampling_step = 0
+        state.sampling_steps = 0
+        state.textinfo = self.text

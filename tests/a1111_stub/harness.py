@@ -1,0 +1,140 @@
+"""Fixtures and helpers for the host tests (tests/test_host_*.py).
+
+``a1111`` puts this stand-in folder on ``sys.path`` for one test, points A1111's data and Lora
+folders at a temp dir, and afterwards removes the folder from ``sys.path`` and forgets every
+module imported from it (and the host package, which holds references to them)."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import sys
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import pytest
+import torch
+from PIL import Image
+
+STUB = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(STUB))
+_STUB_MODULES = ("modules", "launch", "networks", "install", "lora_train_script")
+
+
+def _forget_stub_modules() -> None:
+    for name in list(sys.modules):
+        if name.split(".")[0] in _STUB_MODULES or name.startswith("lora_dreambooth.host"):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def a1111(tmp_path):
+    # One intra-op thread: the tiny model's ops are too small to gain from more, and on a
+    # shared 2-core machine OpenMP oversubscription makes a 1 s run take a minute.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sys.path.insert(0, STUB)
+    _forget_stub_modules()
+    from modules import (call_queue, devices, paths_internal, processing, progress, script_callbacks,
+                         shared)
+    import networks
+
+    paths_internal.data_path = shared.data_path = str(tmp_path / "webui")
+    paths_internal.models_path = shared.models_path = str(tmp_path / "webui" / "models")
+    shared.cmd_opts.lora_dir = str(tmp_path / "webui" / "models" / "Lora")
+    try:
+        yield SimpleNamespace(shared=shared, state=shared.state, call_queue=call_queue, devices=devices,
+                              processing=processing, progress=progress, script_callbacks=script_callbacks,
+                              networks=networks, data_path=paths_internal.data_path,
+                              lora_dir=shared.cmd_opts.lora_dir)
+    finally:
+        sys.path.remove(STUB)
+        _forget_stub_modules()
+        torch.set_num_threads(threads)
+
+
+def load_model_as_a1111(shared, model: torch.nn.Module, model_hash: str = "0123abcd") -> torch.nn.Module:
+    """The attributes A1111 sets on the model it loads, then ``shared.sd_model = model``."""
+    model.lowvram = False
+    model.sd_model_hash = model_hash
+    model.sd_checkpoint_info = SimpleNamespace(shorthash=model_hash, name_for_extra="tiny")
+    shared.sd_model = model
+    return model
+
+
+def merge_like_a1111(module: torch.nn.Module, delta: torch.Tensor) -> None:
+    """What A1111's Lora extension leaves behind after a generation with a LoRA: CPU backups
+    of the base weights, the LoRA merged into the weights, its name recorded."""
+    with torch.no_grad():
+        module.network_weights_backup = module.weight.to("cpu", copy=True)
+        module.network_bias_backup = None if module.bias is None else module.bias.to("cpu", copy=True)
+        module.weight += delta
+    module.network_current_names = (("some_lora", 1.0, 1.0, 1.0),)
+
+
+def png_bytes(color: tuple[int, int, int], size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_images(folder: str, count: int, prefix: str = "img") -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = os.path.join(folder, f"{prefix}{i}.png")
+        with open(path, "wb") as f:
+            f.write(png_bytes((40 * i % 256, 90, 200 - 30 * i % 200)))
+        paths.append(path)
+    return paths
+
+
+def load_script():
+    """Import scripts/lora_train.py the way A1111 does (a file, not a package module)."""
+    spec = importlib.util.spec_from_file_location("lora_train_script", os.path.join(ROOT, "scripts", "lora_train.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lora_train_script"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def component(blocks, elem_id: str):
+    for block in blocks.blocks.values():
+        if getattr(block, "elem_id", None) == elem_id:
+            return block
+    raise KeyError(elem_id)
+
+
+class Event:
+    """One wired gradio event of a built tab: call it the way gradio would."""
+
+    def __init__(self, blocks, elem_id: str, trigger: str = "click"):
+        target = component(blocks, elem_id)
+        for index, dependency in enumerate(blocks.dependencies):
+            if target._id in dependency["targets"] and dependency["trigger"] == trigger:
+                self.fn = blocks.fns[index].fn
+                self.inputs = [blocks.blocks[i] for i in dependency["inputs"]]
+                self.outputs = [blocks.blocks[i] for i in dependency["outputs"]]
+                self.js = dependency["js"]
+                return
+        raise KeyError(f"no {trigger} event on {elem_id}")
+
+    def __call__(self, first: Any = None, overrides: Optional[dict] = None) -> dict:
+        """Inputs are the components' current values, ``overrides`` by elem_id, and
+        ``first`` (the task id the page's JS puts there) for the first input."""
+        overrides = overrides or {}
+        values = [overrides.get(c.elem_id, c.value) for c in self.inputs]
+        if first is not None:
+            values[0] = first
+        result = self.fn(*values)
+        result = result if isinstance(result, (tuple, list)) else (result,)
+        return {c.elem_id: value for c, value in zip(self.outputs, result)}
+
+
+def field_overrides(**values: Any) -> dict:
+    return {f"lora_train_{key}": value for key, value in values.items()}
+
+
+#: A quick run on the tiny model: 64 px, rank 4, previews every 2 steps with 2 sampler steps.
+QUICK = dict(trigger="sks", steps=4, batch_size=1, gradient_accumulation=1, rank=4, alpha=4.0,
+             resolution=64, preview_every=2, preview_steps=2, learning_rate=1e-3, regularization=0.0)

@@ -1,0 +1,84 @@
+"""Stand-in for modules/processing.py: a txt2img request object and ``process_images``.
+
+What it keeps of A1111 1.10.1: the dataclass fields the host passes (unknown keyword → TypeError),
+``job_count == -1`` → ``n_iter``, Interrupt / Stop checked before each batch (an interrupted
+call returns no images), ``sampling_step(s)`` and ``state.nextjob()`` per batch, seed -1 →
+random, and ``<name:args>`` extra-network tags being parsed out of the prompt (a LoRA named
+there would be activated: recorded in ``activated_networks`` so tests can see it never is).
+Sampling itself is the engine's DPM++ 2M renderer on the given model, so a preview really
+shows the adapter being trained."""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from modules import shared
+
+re_extra_net = re.compile(r"<(\w+):([^>]+)>")
+activated_networks: list[str] = []
+
+
+@dataclass(repr=False)
+class StableDiffusionProcessing:
+    sd_model: object = None
+    outpath_samples: str = None
+    outpath_grids: str = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list = None
+    seed: int = -1
+    subseed: int = -1
+    sampler_name: str = None
+    scheduler: str = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool = None
+    tiling: bool = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    override_settings: dict = field(default_factory=dict)
+    disable_extra_networks: bool = False
+
+
+@dataclass(repr=False)
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    enable_hr: bool = False
+    denoising_strength: float = 0.75
+
+
+class Processed:
+    def __init__(self, p: StableDiffusionProcessing, images_list: list, seed: int = -1, info: str = ""):
+        self.images = images_list
+        self.prompt = p.prompt
+        self.seed = seed
+        self.info = info
+
+
+def process_images(p: StableDiffusionProcessing) -> Processed:
+    from lora_dreambooth.model import LdmBackend
+    from lora_dreambooth.preview import render_preview
+
+    state = shared.state
+    seed = random.randrange(2 ** 32) if p.seed in (None, -1) else int(p.seed)
+    prompt = re_extra_net.sub("", p.prompt)
+    if not p.disable_extra_networks:
+        activated_networks.extend(m.group(2) for m in re_extra_net.finditer(p.prompt) if m.group(1) == "lora")
+    images = []
+    if state.job_count == -1:
+        state.job_count = p.n_iter
+    for n in range(p.n_iter):
+        if state.interrupted or state.stopping_generation:
+            break
+        state.sampling_steps = p.steps
+        for i in range(p.batch_size):
+            images.append(render_preview(LdmBackend(shared.sd_model), prompt, p.negative_prompt,
+                                         seed=seed + n * p.batch_size + i, steps=p.steps,
+                                         cfg_scale=p.cfg_scale, width=p.width, height=p.height))
+        state.sampling_step = p.steps
+        state.nextjob()
+    return Processed(p, images, seed=seed)

@@ -1,0 +1,90 @@
+"""The host's small pieces against the stand-in: merged-LoRA restore, progress text, file
+names, extra-network stripping, previews cut short by Interrupt."""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from a1111_stub.harness import a1111, load_model_as_a1111, merge_like_a1111  # noqa: F401
+from lora_dreambooth.guard import state_hash
+
+
+def test_merged_a1111_loras_are_restored_through_the_extension(a1111, tiny_sd1):
+    from lora_dreambooth.host import a1111 as host
+
+    base = state_hash(tiny_sd1)
+    unet = tiny_sd1.model.diffusion_model
+    for layer in (unet.input_blocks[1][1].proj_in, unet.out[2]):
+        merge_like_a1111(layer, torch.ones_like(layer.weight))
+    unet.input_blocks[1][1].norm.network_current_names = ()  # seen by A1111, nothing merged
+    a1111.networks.loaded_networks.append(object())
+    assert state_hash(tiny_sd1) != base
+    assert host.deactivate_networks(tiny_sd1) == 2
+    assert state_hash(tiny_sd1) == base and a1111.networks.loaded_networks == []
+    assert unet.out[2].network_current_names == ()
+
+
+def test_without_the_lora_extension_nothing_breaks(a1111, tiny_sd1, monkeypatch):
+    from lora_dreambooth.host import a1111 as host
+
+    monkeypatch.setitem(sys.modules, "networks", None)  # extension disabled: import fails
+    assert host.lora_extension() is None
+    assert host.deactivate_networks(tiny_sd1) == 0 and host.refresh_lora_list() is False
+
+
+def test_progress_lands_in_shared_state(a1111):
+    from lora_dreambooth.host.progress import ProgressBridge, format_eta
+    from lora_dreambooth.train import Progress
+
+    bridge = ProgressBridge(400)
+    bridge.update(Progress(12, 400, 0.12345, 1e-4, 3.0, 125.0))
+    state = a1111.state
+    assert (state.job_no, state.job_count) == (12, 400)
+    assert state.textinfo == "Step 12/400 · loss 0.1235 · LR 1.00e-04 · ETA 2:05"
+    state.job_no, state.sampling_step, state.sampling_steps = 13, 20, 20  # a preview render ran
+    bridge.rewrite()
+    assert (state.job_no, state.sampling_step, state.sampling_steps) == (12, 0, 0)
+    bridge.update(Progress(0, 400, math.nan, 0.0, 0.0, 0.0, "caching"))
+    assert state.textinfo.startswith("Caching latents")
+    assert format_eta(3725) == "1:02:05"
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("../../etc/passwd", "passwd"), ("C:\\Users\\me\\photo 1.PNG", "photo_1.png"), ("..", "image"),
+    (".hidden.jpg", "hidden.jpg"), ("wpg (3).png", "wpg_3.png"), ("ünï cødé.webp", "n_c_d.webp"),
+    ("x" * 300 + ".png", "x" * 96 + ".png"),
+])
+def test_file_names_are_sanitised(a1111, given, expected):
+    from lora_dreambooth.host.files import sanitise_name
+
+    assert sanitise_name(given) == expected
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("sks <lora:other:0.7>, portrait", "sks, portrait"),
+    ("<lora:a:1>, sks, <hypernet:b:1>, photo", "sks, photo"),
+    ("a,b <lyco:c:1>", "a,b"),
+])
+def test_extra_networks_are_stripped_from_preview_prompts(a1111, given, expected):
+    from lora_dreambooth.host.render import strip_extra_networks
+
+    assert strip_extra_networks(given) == expected
+
+
+def test_an_interrupted_preview_reuses_the_last_picture(a1111, tiny_sd1):
+    from lora_dreambooth.config import TrainConfig
+    from lora_dreambooth.host.job import _Previews
+    from lora_dreambooth.host.progress import ProgressBridge
+
+    load_model_as_a1111(a1111.shared, tiny_sd1)
+    stop = []
+    previews = _Previews(TrainConfig(resolution=64, preview_steps=2), ProgressBridge(10), lambda: bool(stop))
+    first = previews.render(1)
+    assert previews.fresh and first.size == (64, 64)
+    a1111.state.interrupt()  # Interrupt pressed while the preview samples: A1111 returns no image
+    assert previews.render(2) is first and not previews.fresh
+    stop.append(True)
+    assert previews.render(3) is first and not previews.fresh
