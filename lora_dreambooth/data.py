@@ -203,8 +203,9 @@ def _resize_crop(img: Image.Image, target_w: int, target_h: int):
 # --- Folders and captions -------------------------------------------------------------
 
 def scan_folder(folder: str) -> tuple[list[str], dict[str, str], list[Skipped]]:
-    """Image paths (sorted), captions by image path, and skipped entries of ``folder``."""
-    names = sorted(os.listdir(folder))
+    """Image paths (sorted), captions by image path, and skipped entries of ``folder``.
+    Hidden files (``.name``: OS litter, our class-image manifest) are ignored silently."""
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
     captions_by_stem = {os.path.splitext(n)[0]: n for n in names
                         if os.path.splitext(n)[1].lower() == CAPTION_EXTENSION
                         and os.path.isfile(os.path.join(folder, n))}

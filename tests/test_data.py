@@ -551,3 +551,12 @@ def test_augmentation_window_stays_inside_the_rotated_image(tmp_path, monkeypatc
     scales = theta[:, 0, 0].abs()  # s·cos(angle): the crop's share of the side
     assert scales.max() <= 1 and scales.min() > 0.6 and scales.mean() < 0.92
     assert scales.max() - scales.min() > 0.1  # random scale crops, not one fixed zoom
+
+
+def test_hidden_files_are_ignored_silently(tmp_path):
+    from lora_dreambooth.data import scan_folder
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x01")
+    (tmp_path / ".lora-train-class.json").write_text("{}")
+    images, _, skipped = scan_folder(str(tmp_path))
+    assert [os.path.basename(p) for p in images] == ["a.png"] and skipped == []

@@ -101,6 +101,9 @@ def test_start_trains_in_place_and_writes_lora_json_and_card(a1111, tab, tiny_sd
     monkeypatch.setattr(a1111.processing, "process_images", lambda p: requests.append(p) or real_process_images(p))
     images = write_images(str(a1111.data_path) + "/in", 2)
     upload(tab, "instance", [(p, os.path.basename(p)) for p in images])
+    params_txt = os.path.join(a1111.data_path, "params.txt")
+    with open(params_txt, "w", encoding="utf8") as f:
+        f.write("the user's last txt2img")
 
     out = start(tab, preview_prompt="sks <lora:other:0.7>, portrait")
 
@@ -117,6 +120,7 @@ def test_start_trains_in_place_and_writes_lora_json_and_card(a1111, tab, tiny_sd
     assert [(p.sampler_name, p.steps, p.cfg_scale, p.do_not_save_samples, p.do_not_save_grid) for p in requests] \
         == [("DPM++ 2M", 2, 5.0, True, True)] * 2
     assert requests[0].prompt == "sks, portrait" and a1111.processing.activated_networks == []
+    assert open(params_txt, encoding="utf8").read() == "the user's last txt2img"  # A1111's file kept
     # the user's model: A1111's LoRA undone through its own restore path, then untouched
     assert state_hash(model) == base_hash
     assert layer.network_current_names == () and a1111.networks.loaded_networks == []
@@ -251,7 +255,7 @@ def test_class_images_are_generated_once_per_prompt_and_model(a1111, tab, tiny_s
               "lora_train_preview_steps": 2}
     out = generate("task(class1)", values)
     assert len(out["lora_train_class_gallery"]) == 2 and len(calls) == 2
-    manifest = json.load(open(os.path.join(tab.ws.class_dir, "lora-train-class.json")))
+    manifest = json.load(open(os.path.join(tab.ws.class_dir, ".lora-train-class.json")))
     assert manifest["prompt"] == "woman" and manifest["model_hash"] == "0123abcd"
     out = generate("task(class2)", values)
     assert len(calls) == 2 and "0 class images generated, 2 reused" in out["lora_train_class_info"]

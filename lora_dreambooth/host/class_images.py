@@ -1,7 +1,7 @@
 """'Generate N class images' with the loaded model, for prior preservation.
 
-Generated files are listed in a small manifest (``lora-train-class.json``) with the prompt and
-the model hash they came from: while both are unchanged they are reused and only the missing
+Generated files are listed in a small hidden manifest (``.lora-train-class.json``) with the
+prompt and the model hash they came from: while both are unchanged they are reused and only the missing
 ones are made; when either changes, the old generated files (and only those: uploaded class
 images stay) are replaced."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from modules import shared
 from ..export import atomic_write
 from . import render
 
-MANIFEST = "lora-train-class.json"
+MANIFEST = ".lora-train-class.json"
 
 
 @dataclass

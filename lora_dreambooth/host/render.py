@@ -2,11 +2,15 @@
 (emphasis, embeddings) make the previews and class images."""
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from typing import Optional
+from typing import Iterator, Optional
 
 from PIL import Image
-from modules import processing, shared
+from modules import paths_internal, processing, shared
+
+from ..export import atomic_write
 
 #: A1111's extra-network syntax (``<lora:name:1>``, ``<hypernet:…>``): any of these in a
 #: preview would load a network on top of the one being trained.
@@ -28,5 +32,27 @@ def txt2img(prompt: str, negative_prompt: str, *, seed: int, steps: int, cfg_sca
         negative_prompt=strip_extra_networks(negative_prompt), seed=seed, steps=steps,
         cfg_scale=cfg_scale, width=width, height=height, sampler_name=SAMPLER, batch_size=1,
         n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
-    images = processing.process_images(p).images
+    with _users_params_txt_kept():
+        images = processing.process_images(p).images
     return images[0] if images else None
+
+
+@contextlib.contextmanager
+def _users_params_txt_kept() -> Iterator[None]:
+    """A1111 writes every generation's parameters to ``<data>/params.txt`` (the "read
+    generation parameters" button reads it back). Our previews are not the user's
+    generations: put their file back as it was, or remove the one we caused."""
+    path = os.path.join(paths_internal.data_path, "params.txt")
+    try:
+        with open(path, "rb") as f:
+            kept: Optional[bytes] = f.read()
+    except FileNotFoundError:
+        kept = None
+    try:
+        yield
+    finally:
+        if kept is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        else:
+            atomic_write(path, lambda tmp: open(tmp, "wb").write(kept))

@@ -1,19 +1,20 @@
 """Stand-in for modules/processing.py: a txt2img request object and ``process_images``.
 
 What it keeps of A1111 1.10.1: the dataclass fields the host passes (unknown keyword → TypeError),
-``job_count == -1`` → ``n_iter``, Interrupt / Stop checked before each batch (an interrupted
-call returns no images), ``sampling_step(s)`` and ``state.nextjob()`` per batch, seed -1 →
+``job_count == -1`` → ``n_iter``, Interrupt checked before each batch (an interrupted call
+returns no images), ``params.txt`` in the data folder overwritten by the first batch, ``sampling_step(s)`` and ``state.nextjob()`` per batch, seed -1 →
 random, and ``<name:args>`` extra-network tags being parsed out of the prompt (a LoRA named
 there would be activated: recorded in ``activated_networks`` so tests can see it never is).
 Sampling itself is the engine's DPM++ 2M renderer on the given model, so a preview really
 shows the adapter being trained."""
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass, field
 
-from modules import shared
+from modules import paths_internal, shared
 
 re_extra_net = re.compile(r"<(\w+):([^>]+)>")
 activated_networks: list[str] = []
@@ -72,8 +73,11 @@ def process_images(p: StableDiffusionProcessing) -> Processed:
     if state.job_count == -1:
         state.job_count = p.n_iter
     for n in range(p.n_iter):
-        if state.interrupted or state.stopping_generation:
+        if state.interrupted:
             break
+        if n == 0:  # A1111 records the last generation's infotext for the "read params" button
+            with open(os.path.join(paths_internal.data_path, "params.txt"), "w", encoding="utf8") as file:
+                file.write(f"{prompt}\nNegative prompt: {p.negative_prompt}\nSteps: {p.steps}, Seed: {seed}")
         state.sampling_steps = p.steps
         for i in range(p.batch_size):
             images.append(render_preview(LdmBackend(shared.sd_model), prompt, p.negative_prompt,
