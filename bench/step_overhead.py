@@ -141,6 +141,9 @@ def main() -> None:
                         help="SD1.5 UNet widths (320, ×1 ×2 ×4 ×4, context 768), random weights")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="steps dropped at the start of every round, for both: first-touch "
+                             "allocations of new adapters and optimizer state")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--network", default="lora")
@@ -160,17 +163,17 @@ def main() -> None:
     shape = "SD1.5 widths" if args.sd15_widths else "tiny"
     unet_params = sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6
     images = write_images(os.path.join(work, "images"), draw_character, 4)
-    config = TrainConfig(trigger="wpg", instance_dir=images, steps=args.steps + 1, batch_size=args.batch,
+    config = TrainConfig(trigger="wpg", instance_dir=images, steps=args.warmup + args.steps + 1,
+                         batch_size=args.batch,
                          resolution=args.resolution, network=args.network, rank=32, alpha=32.0,
                          learning_rate=1e-4, gradient_checkpointing=args.checkpointing, overwrite=True)
 
     bare: list[float] = []
     ours: list[float] = []
     bare_memory, loop_memory = PeakMemory(model.device), PeakMemory(model.device)
-    bare_steps(model, config, 2)  # warm-up: first-call allocations and kernel selection
     for round_no in range(args.rounds):  # timing rounds: no memory sampler running
-        bare += bare_steps(model, config, args.steps)
-        ours += loop_steps(model, config, os.path.join(work, f"round{round_no}"))
+        bare += bare_steps(model, config, args.warmup + args.steps)[args.warmup:]
+        ours += loop_steps(model, config, os.path.join(work, f"round{round_no}"))[args.warmup:]
     with bare_memory.measure():  # memory: one more run of each, sampled
         bare_steps(model, config, args.steps)
     with loop_memory.measure():
