@@ -1,10 +1,15 @@
-"""Which modules of an ldm model get adapters, and the kohya name of each.
+"""Which modules of an ldm/sgm model get adapters, and the kohya name of each.
 
 The names are what kohya sd-scripts writes and A1111's Lora extension reads: for the SD1/SD2
 UNet, ``lora_unet_`` + the *diffusers* path of the module (``down_blocks_0_attentions_0_...``),
 for the text encoder ``lora_te_`` + the HF ``CLIPTextModel`` path
 (``text_model_encoder_layers_<i>_self_attn_q_proj``). A1111 holds the model in ldm (compvis)
 layout, so every ldm module is given the diffusers name of its counterpart.
+
+SDXL (sgm ``DiffusionEngine``): kohya names the UNet by its compvis path
+(``lora_unet_input_blocks_4_1_proj_in``, which A1111 resolves under ``diffusion_model``) and
+the two text encoders ``lora_te1_`` (HF CLIP ViT-L, ``conditioner.embedders.0``) and
+``lora_te2_`` (OpenCLIP bigG, ``conditioner.embedders.1``), both under HF layer names.
 
 The compvis → diffusers block mapping is read from the UNet itself (levels, res blocks per
 level, which blocks carry a transformer), not from SD1.5's numbers. A1111 maps the names back
@@ -55,7 +60,8 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 
 def find_targets(model: nn.Module, network: str = "lora",
                  train_text_encoder: bool = False) -> list[Target]:
-    """The modules kohya sd-scripts adapts in an ldm ``LatentDiffusion`` (SD1 or SD2).
+    """The modules kohya sd-scripts adapts in an ldm ``LatentDiffusion`` (SD1 or SD2) or an
+    sgm ``DiffusionEngine`` (SDXL base).
 
     network "lora": every Linear and 1×1 Conv2d inside the UNet's SpatialTransformers.
     "locon"/"loha"/"lokr" add the ResBlock Linear/Conv2d modules and the down/up-sample
@@ -66,18 +72,26 @@ def find_targets(model: nn.Module, network: str = "lora",
     so the three q/k/v targets of a layer share the path of that ``MultiheadAttention``;
     :func:`fused_qkv_index` says which third of ``in_proj_weight`` each one is. The layers
     the conditioning skips (the last one for "penultimate") are not targets.
+
+    SDXL: the same kinds of UNet modules under compvis names, and both text encoders with
+    every layer, as kohya adapts them (te2's last layer feeds the pooled output; te1's last
+    layer, which the "hidden" conditioning skips, is adapted by kohya too and simply gets no
+    gradient). te2's attention is fused like SD2's.
     """
     if network not in NETWORKS:
         raise ValueError(f"unknown network type {network!r}; expected one of {', '.join(NETWORKS)}")
-    if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
-        raise NotImplementedError("SDXL models are not supported yet (only SD1 and SD2)")
     unet = model.get_submodule("model.diffusion_model")
-    targets = _unet_targets(unet, "model.diffusion_model")
+    if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
+        targets = _compvis_unet_targets(unet, "model.diffusion_model")
+        # Named (and checked to be SDXL base's) even when they are not trained.
+        te_targets = [t for prefix, path, embedder in _sdxl_text_encoders(model)
+                      for t in _embedder_targets(embedder, path, prefix, skipped_layers=0)]
+    else:
+        targets = _unet_targets(unet, "model.diffusion_model")
+        te_targets = _te_targets(model) if train_text_encoder else []
     if network == "lora":
         targets = [t for t in targets if not t.locon_only]
-    if train_text_encoder:
-        targets += _te_targets(model)
-    return targets
+    return targets + te_targets if train_text_encoder else targets
 
 
 def fused_qkv_index(target: Target) -> int | None:
@@ -151,27 +165,54 @@ def _block_targets(block: nn.Module, path: str, diffusers_block: str, j: int) ->
 
 def _child_targets(child: nn.Module, path: str, diffusers_block: str, j: int) -> list[Target]:
     kind = type(child).__name__
+    out: list[Target] = []
+    for name, locon_only in _block_modules(child, path):
+        if kind == "SpatialTransformer":  # children are named exactly as in diffusers' Transformer2DModel
+            diffusers = f"{diffusers_block}_attentions_{j}_{name}"
+        elif kind == "ResBlock":
+            diffusers = f"{diffusers_block}_resnets_{j}_{_RESBLOCK_NAMES[name]}"
+        else:  # Downsample.op / Upsample.conv
+            sampler = "downsamplers" if kind == "Downsample" else "upsamplers"
+            diffusers = f"{diffusers_block}_{sampler}_0_conv"
+        out.append(_unet_target(diffusers, f"{path}.{name}", locon_only))
+    return out
+
+
+def _block_modules(child: nn.Module, path: str) -> list[tuple[str, bool]]:
+    """``(name inside child, locon_only)`` of each Linear/Conv2d kohya adapts in one child of
+    a UNet block: everything in a SpatialTransformer (LoCon-only for spatial convolutions),
+    the ResBlock layers and the down/up-sample convolution (LoCon-only)."""
+    kind = type(child).__name__
+    modules = _linear_or_conv(child)
     if kind == "SpatialTransformer":
-        # Children are named exactly as in diffusers' Transformer2DModel.
-        return [_unet_target(f"{diffusers_block}_attentions_{j}_{name}", f"{path}.{name}",
-                             locon_only=_is_spatial_conv(m))
-                for name, m in _linear_or_conv(child)]
+        return [(name, _is_spatial_conv(m)) for name, m in modules]
     if kind == "ResBlock":
-        out: list[Target] = []
-        for name, _ in _linear_or_conv(child):
+        for name, _ in modules:
             _expect(name in _RESBLOCK_NAMES, f"{path}.{name}")
-            out.append(_unet_target(f"{diffusers_block}_resnets_{j}_{_RESBLOCK_NAMES[name]}",
-                                    f"{path}.{name}", locon_only=True))
-        return out
+        return [(name, True) for name, _ in modules]
     if kind in ("Downsample", "Upsample"):
-        sampler = "downsamplers" if kind == "Downsample" else "upsamplers"
-        return [_unet_target(f"{diffusers_block}_{sampler}_0_conv", f"{path}.{name}", locon_only=True)
-                for name, _ in _linear_or_conv(child)]  # Downsample.op / Upsample.conv, if a conv
-    raise ValueError(f"unexpected UNet block {kind} at {path}: not an SD1/SD2 ldm UNet layout")
+        return [(name, True) for name, _ in modules]  # Downsample.op / Upsample.conv, if a conv
+    raise ValueError(f"unexpected UNet block {kind} at {path}: not a Stable Diffusion UNet layout")
 
 
-def _unet_target(diffusers_name: str, path: str, locon_only: bool) -> Target:
-    return Target(kohya_name="lora_unet_" + diffusers_name.replace(".", "_"), path=path,
+def _compvis_unet_targets(unet: nn.Module, prefix: str) -> list[Target]:
+    """SDXL: kohya names each module by its path under ``diffusion_model``
+    (``input_blocks.4.1.proj_in`` → ``lora_unet_input_blocks_4_1_proj_in``). ``input_blocks.0``
+    (conv_in), the time/label embeddings and the output layer are not targets."""
+    blocks = [(f"input_blocks.{i}", block) for i, block in enumerate(unet.input_blocks) if i > 0]
+    blocks.append(("middle_block", unet.middle_block))
+    blocks += [(f"output_blocks.{i}", block) for i, block in enumerate(unet.output_blocks)]
+    out: list[Target] = []
+    for block_path, block in blocks:
+        for k, child in enumerate(block):
+            local = f"{block_path}.{k}"
+            out += [_unet_target(f"{local}.{name}", f"{prefix}.{local}.{name}", locon_only)
+                    for name, locon_only in _block_modules(child, f"{prefix}.{local}")]
+    return out
+
+
+def _unet_target(name: str, path: str, locon_only: bool) -> Target:
+    return Target(kohya_name="lora_unet_" + name.replace(".", "_"), path=path,
                   part="unet", locon_only=locon_only)
 
 
@@ -187,7 +228,7 @@ def _is_spatial_conv(module: nn.Module) -> bool:
 
 def _expect(ok: bool, where: str) -> None:
     if not ok:
-        raise ValueError(f"unexpected UNet layout at {where}: not an SD1/SD2 ldm UNet")
+        raise ValueError(f"unexpected UNet layout at {where}: not a Stable Diffusion UNet")
 
 
 # --- text encoder -----------------------------------------------------------------------
@@ -199,19 +240,53 @@ def _te_targets(model: nn.Module) -> list[Target]:
     if hasattr(embedder, "wrapped"):
         embedder_path += ".wrapped"
         embedder = embedder.wrapped
-    transformer = getattr(embedder, "transformer", None)
-    if transformer is not None and hasattr(transformer, "text_model"):
-        return _hf_clip_targets(transformer, embedder_path + ".transformer")
-    clip = getattr(embedder, "model", None)
-    if clip is not None and hasattr(getattr(clip, "transformer", None), "resblocks"):
-        skipped = int(getattr(embedder, "layer_idx", 1))
-        return _openclip_targets(clip.transformer, embedder_path + ".model.transformer", skipped)
+    skipped = int(getattr(embedder, "layer_idx", 1)) if _is_openclip(embedder) else 0
+    return _embedder_targets(embedder, embedder_path, "lora_te_", skipped)
+
+
+def _sdxl_text_encoders(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(kohya prefix, path, embedder)`` of SDXL's two text encoders: the HF CLIP at
+    ``conditioner.embedders.0`` (te1) and the OpenCLIP at ``conditioner.embedders.1`` (te2),
+    each under A1111's ``.wrapped`` when A1111 has wrapped it."""
+    embedders = getattr(getattr(model, "conditioner", None), "embedders", None)
+    found: list[tuple[str, str, nn.Module]] = []
+    for index, (prefix, kind) in enumerate((("lora_te1_", _is_hf_clip), ("lora_te2_", _is_openclip))):
+        path = f"conditioner.embedders.{index}"
+        embedder = embedders[index] if embedders is not None and len(embedders) > index else None
+        if embedder is not None and hasattr(embedder, "wrapped"):
+            path += ".wrapped"
+            embedder = embedder.wrapped
+        if embedder is None or not kind(embedder):
+            raise NotImplementedError(
+                "only SDXL base models are supported: expected the HF CLIP text encoder at "
+                "conditioner.embedders.0 and the OpenCLIP one at conditioner.embedders.1")
+        found.append((prefix, path, embedder))
+    return found
+
+
+def _is_hf_clip(embedder: nn.Module) -> bool:
+    return hasattr(getattr(embedder, "transformer", None), "text_model")
+
+
+def _is_openclip(embedder: nn.Module) -> bool:
+    return hasattr(getattr(getattr(embedder, "model", None), "transformer", None), "resblocks")
+
+
+def _embedder_targets(embedder: nn.Module, path: str, prefix: str, skipped_layers: int) -> list[Target]:
+    """Targets of one text embedder (HF CLIP or OpenCLIP) at ``path``, named ``prefix`` + the
+    HF layer path; ``skipped_layers`` OpenCLIP layers at the end are left out."""
+    if _is_hf_clip(embedder):
+        return _hf_clip_targets(embedder.transformer, path + ".transformer", prefix)
+    if _is_openclip(embedder):
+        return _openclip_targets(embedder.model.transformer, path + ".model.transformer", prefix,
+                                 skipped_layers)
     raise NotImplementedError(
         f"text-encoder training is not supported for {type(embedder).__name__}")
 
 
-def _hf_clip_targets(transformer: nn.Module, path: str) -> list[Target]:
-    """SD1: every Linear in the CLIPAttention and CLIPMLP modules of the HF CLIPTextModel."""
+def _hf_clip_targets(transformer: nn.Module, path: str, prefix: str) -> list[Target]:
+    """SD1 / SDXL te1: every Linear in the CLIPAttention and CLIPMLP modules of the HF
+    CLIPTextModel."""
     out: list[Target] = []
     for name, module in transformer.named_modules():
         if not any(type(module).__name__.startswith(c) for c in ("CLIPAttention", "CLIPSdpa",
@@ -219,22 +294,23 @@ def _hf_clip_targets(transformer: nn.Module, path: str) -> list[Target]:
             continue
         for child, _ in _linear_or_conv(module):
             full = f"{name}.{child}"
-            out.append(Target(kohya_name="lora_te_" + full.replace(".", "_"),
+            out.append(Target(kohya_name=prefix + full.replace(".", "_"),
                               path=f"{path}.{full}", part="te"))
     return out
 
 
-def _openclip_targets(transformer: nn.Module, path: str, skipped: int) -> list[Target]:
-    """SD2: OpenCLIP resblocks under kohya's HF names. Layers past the one the conditioning
-    reads (``layer_idx`` from the end) get no gradient and kohya's converted model lacks them."""
+def _openclip_targets(transformer: nn.Module, path: str, prefix: str, skipped: int) -> list[Target]:
+    """SD2 / SDXL te2: OpenCLIP resblocks under kohya's HF names. SD2: layers past the one the
+    conditioning reads (``layer_idx`` from the end) get no gradient and kohya's converted model
+    lacks them; SDXL's te2 uses every layer (the pooled output reads the last)."""
     out: list[Target] = []
     blocks = transformer.resblocks
     for i in range(len(blocks) - skipped):
         attn = blocks[i].attn
         if not (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim):
-            raise NotImplementedError("text-encoder training on SD2 needs a fused in_proj "
+            raise NotImplementedError("text-encoder training on OpenCLIP needs a fused in_proj "
                                       f"MultiheadAttention at resblocks.{i}.attn")
-        base = f"lora_te_text_model_encoder_layers_{i}_"
+        base = f"{prefix}text_model_encoder_layers_{i}_"
         block_path = f"{path}.resblocks.{i}"
         out += [Target(base + "self_attn_" + p, f"{block_path}.attn", "te") for p in _QKV]
         out.append(Target(base + "self_attn_out_proj", f"{block_path}.attn.out_proj", "te"))

@@ -30,7 +30,7 @@ from .adapters import Adapters, inject
 from .config import TrainConfig
 from .data import DreamBoothDataset, MicroBatch
 from .guard import ModelSnapshot
-from .model import LdmBackend
+from .model import Backend, Conditioning, cat_conditioning, detach_conditioning, make_backend
 from .preview import render_preview
 from .targets import find_targets
 
@@ -79,7 +79,8 @@ class _Stopped(Exception):
 
 def train_lora(model, config: TrainConfig, lora_dir: str, run_dir: str,
                callbacks: Optional[TrainCallbacks] = None) -> TrainResult:
-    """Train an adapter in place on ``model`` (ldm LatentDiffusion, plain or A1111-wrapped),
+    """Train an adapter in place on ``model`` (ldm LatentDiffusion, plain or A1111-wrapped, or
+    SDXL's sgm DiffusionEngine as A1111 holds it),
     write ``<lora_dir>/<name>.safetensors`` + ``<name>.json``, and previews / ``loss.csv`` /
     ``config.json`` in ``run_dir``. Stopping saves what was trained; any exception restores the
     model, writes nothing in ``lora_dir`` and raises ``TrainingError``."""
@@ -89,7 +90,7 @@ def train_lora(model, config: TrainConfig, lora_dir: str, run_dir: str,
     dataset = DreamBoothDataset(config, on_progress=log)  # bad data fails before the model is touched
     for skipped in dataset.skipped:
         log(f"skipped {os.path.basename(skipped.path)}: {skipped.reason}")
-    backend = LdmBackend(model)
+    backend = make_backend(model)
     os.makedirs(run_dir, exist_ok=True)
     run = _RunFiles(run_dir, config)
 
@@ -124,7 +125,7 @@ def train_lora(model, config: TrainConfig, lora_dir: str, run_dir: str,
             raise TrainingError("the model was not restored exactly: " + "; ".join(differences[:5]))
 
 
-def _save(adapters: Adapters, config: TrainConfig, folder: str, backend: LdmBackend,
+def _save(adapters: Adapters, config: TrainConfig, folder: str, backend: Backend,
           dataset: DreamBoothDataset, steps_done: int, cover: Optional[Image.Image],
           name: Optional[str] = None) -> export.ExportResult:
     if name is not None:
@@ -190,7 +191,7 @@ def _write_json(path: str, data: dict) -> None:
 class _Loop:
     """Optimizer, schedules and the step loop for one run."""
 
-    def __init__(self, backend: LdmBackend, adapters: Adapters, dataset: DreamBoothDataset,
+    def __init__(self, backend: Backend, adapters: Adapters, dataset: DreamBoothDataset,
                  config: TrainConfig, callbacks: TrainCallbacks, run: _RunFiles):
         self.backend, self.adapters, self.dataset = backend, adapters, dataset
         self.config, self.callbacks, self.run_files = config, callbacks, run
@@ -220,16 +221,20 @@ class _Loop:
 
     # --- conditioning --------------------------------------------------------------------
 
-    def _conditioning(self, prompts: list[str], cache: Optional[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def _conditioning(self, batch: MicroBatch, cache: Optional[dict[str, Conditioning]]) -> Conditioning:
+        """The prompts' conditioning (cached per prompt while the text encoders are frozen)
+        completed with the batch's image sizes and crops (SDXL)."""
         if cache is None:  # text encoder trains: encode with gradients every time
-            return self.backend.encode_prompts(prompts)
-        return torch.cat([cache[p] for p in prompts])
+            cond = self.backend.encode_prompts(batch.prompts)
+        else:
+            cond = cat_conditioning([cache[p] for p in batch.prompts])
+        return self.backend.conditioning(cond, batch)
 
-    def _prompt_cache(self) -> Optional[dict[str, torch.Tensor]]:
+    def _prompt_cache(self) -> Optional[dict[str, Conditioning]]:
         if self.config.train_text_encoder:
             return None
         with torch.no_grad(), self._autocast():
-            return {p: self.backend.encode_prompts([p]).detach() for p in self.dataset.prompts()}
+            return {p: detach_conditioning(self.backend.encode_prompts([p])) for p in self.dataset.prompts()}
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -242,7 +247,7 @@ class _Loop:
         moments = batch.moments if batch.moments is not None else self.backend.encode_moments(batch.pixels)
         return self.backend.latents_from_moments(moments, self.generator).float()
 
-    def _loss(self, batch: MicroBatch, cond_cache: Optional[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def _loss(self, batch: MicroBatch, cond_cache: Optional[dict[str, Conditioning]]) -> torch.Tensor:
         device = self.backend.device
         latents = self._latents(batch)
         n = latents.shape[0]
@@ -256,7 +261,7 @@ class _Loop:
         target = noise if self.backend.parameterization == "eps" else \
             self.noise_scheduler.get_velocity(latents, noise, timesteps)
         with self._autocast():
-            cond = self._conditioning(batch.prompts, cond_cache)
+            cond = self._conditioning(batch, cond_cache)
             prediction = self.backend.predict(noisy, timesteps, cond)
         per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
         per_sample = per_sample * min_snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma,
@@ -342,7 +347,7 @@ class _Loop:
         _report(self.callbacks, Progress(0, self.config.steps, float("nan"), 0.0, 0.0, 0.0, "caching"))
 
 
-def _autocast_dtype(precision: str, backend: LdmBackend) -> Optional[torch.dtype]:
+def _autocast_dtype(precision: str, backend: Backend) -> Optional[torch.dtype]:
     """Mixed precision for the forward pass; adapters stay fp32 either way.
 
     "auto" follows the loaded weights (A1111 keeps the UNet in fp16 unless --no-half)."""

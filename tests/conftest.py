@@ -16,6 +16,12 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 GOLDEN = os.path.join(os.path.dirname(ROOT), "shared", "golden")
 
+# One intra-op thread: the tiny models gain nothing from two, and on a shared 2-core machine
+# torch's spinning worker threads make small ops wait ~15 ms each (tests 10-100x slower).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> str:

@@ -18,7 +18,7 @@ from PIL import Image
 
 STUB = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(STUB))
-_STUB_MODULES = ("modules", "launch", "networks", "install", "lora_train_script")
+_STUB_MODULES = ("modules", "launch", "networks", "extra_networks_lora", "install", "lora_train_script")
 
 
 def _forget_stub_modules() -> None:
@@ -35,11 +35,15 @@ def a1111(tmp_path):
     torch.set_num_threads(1)
     sys.path.insert(0, STUB)
     _forget_stub_modules()
-    from modules import (call_queue, devices, paths_internal, processing, progress, script_callbacks,
-                         shared)
+    from modules import (call_queue, devices, extra_networks, paths_internal, processing, progress,
+                         script_callbacks, shared)
+    import extra_networks_lora
     import networks
 
+    extra_networks.initialize()  # what the Lora extension's before_ui callback does
+    extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
     paths_internal.data_path = shared.data_path = str(tmp_path / "webui")
+    os.makedirs(paths_internal.data_path)  # A1111's data folder always exists
     paths_internal.models_path = shared.models_path = str(tmp_path / "webui" / "models")
     shared.cmd_opts.lora_dir = str(tmp_path / "webui" / "models" / "Lora")
     try:
@@ -54,7 +58,11 @@ def a1111(tmp_path):
 
 
 def load_model_as_a1111(shared, model: torch.nn.Module, model_hash: str = "0123abcd") -> torch.nn.Module:
-    """The attributes A1111 sets on the model it loads, then ``shared.sd_model = model``."""
+    """The attributes A1111 sets on the model it loads (the Lora extension names its layers),
+    then ``shared.sd_model = model``."""
+    import networks
+
+    networks.assign_network_names_to_compvis_modules(model)
     model.lowvram = False
     model.sd_model_hash = model_hash
     model.sd_checkpoint_info = SimpleNamespace(shorthash=model_hash, name_for_extra="tiny")
