@@ -108,6 +108,10 @@ class Backend(abc.ABC):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """What ``predict`` takes for these prompts; differentiable when a text encoder trains."""
 
+    def encode_negative_prompts(self, prompts: list[str]) -> Conditioning:
+        """The unconditional side of classifier-free guidance (previews)."""
+        return self.encode_prompts(prompts)
+
     def conditioning(self, cond: Conditioning, batch: "MicroBatch") -> Conditioning:
         """``cond`` (from ``encode_prompts`` of ``batch.prompts``) completed with what depends
         on the batch's images rather than its prompts (SDXL: sizes and crops)."""
@@ -244,6 +248,9 @@ class SdxlBackend(Backend):
         n = len(prompts)
         sizes = self._sizes([SDXL_DEFAULT_SIZE] * n, [(0, 0)] * n, [SDXL_DEFAULT_SIZE] * n)
         return {"crossattn": crossattn, "vector": torch.cat([pooled, sizes.to(pooled.dtype)], dim=1)}
+
+    def encode_negative_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.encode_prompts(prompts, negative=True)
 
     def conditioning(self, cond: dict[str, torch.Tensor], batch: "MicroBatch") -> dict[str, torch.Tensor]:
         """Replace the size part of ``vector`` (its last columns) with each sample's original

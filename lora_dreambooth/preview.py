@@ -7,18 +7,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .model import LdmBackend
+from .model import Backend, cat_conditioning
 
 
 @torch.no_grad()
-def render_preview(backend: LdmBackend, prompt: str, negative_prompt: str, *, seed: int,
+def render_preview(backend: Backend, prompt: str, negative_prompt: str, *, seed: int,
                    steps: int, cfg_scale: float, width: int, height: int) -> Image.Image:
     scheduler = backend.sampling_scheduler()
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn((1, 4, height // 8, width // 8), generator=generator)
     latents = (latents * scheduler.init_noise_sigma).to(backend.device)
-    cond = backend.encode_prompts([negative_prompt, prompt])
+    cond = cat_conditioning([backend.encode_negative_prompts([negative_prompt]), backend.encode_prompts([prompt])])
     for t in scheduler.timesteps:
         timesteps = torch.full((2,), int(t), device=backend.device, dtype=torch.long)
         uncond_out, cond_out = backend.predict(torch.cat([latents] * 2), timesteps, cond).float().chunk(2)

@@ -186,7 +186,11 @@ def test_a_failure_restores_the_model_and_writes_nothing(a1111, tab, tiny_sd1, m
     (lambda a, m: setattr(a.shared.cmd_opts, "lowvram", True), "--lowvram or --medvram"),
     (lambda a, m: setattr(a.shared.cmd_opts, "medvram", True), "--lowvram or --medvram"),
     (lambda a, m: setattr(m, "lowvram", True), "--lowvram or --medvram"),
-    (lambda a, m: setattr(m, "is_sdxl", True), "SDXL models are not supported yet"),
+    (lambda a, m: setattr(a.shared.cmd_opts, "medvram_sdxl", True) or setattr(m, "is_sdxl", True),
+     "--lowvram or --medvram"),
+    (lambda a, m: setattr(m, "is_sd3", True), "SD3 models are not supported"),
+    (lambda a, m: setattr(m.model.diffusion_model, "in_channels", 9), "inpainting / instruct models"),
+    (lambda a, m: setattr(m, "is_sdxl", True), "only SDXL base is supported"),
 ])
 def test_refusals_write_nothing(a1111, tab, tiny_sd1, setup, message):
     model = load_model_as_a1111(a1111.shared, tiny_sd1)

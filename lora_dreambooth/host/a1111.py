@@ -9,14 +9,16 @@ from typing import Optional
 import torch
 from modules import devices, lowvram, shared
 
+from ..model import UnsupportedModelError, make_backend
+
 #: Weight dtypes the engine trains on (A1111's fp8 weight storage is not one of them).
 TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 NO_MODEL = "No Stable Diffusion model is loaded: pick a checkpoint at the top of the page first."
 LOW_VRAM = ("Training is not possible with --lowvram or --medvram: they move parts of the model "
             "between devices during every step. Restart A1111 without them to train.")
-SDXL_NOT_YET = ("SDXL models are not supported yet: load an SD 1.x or SD 2.x checkpoint to "
-                "train.")
+SD3_NOT_SUPPORTED = ("SD3 models are not supported: load an SD 1.x, SD 2.x or SDXL checkpoint to "
+                     "train.")
 
 
 def model_problems(model) -> list[str]:
@@ -24,14 +26,18 @@ def model_problems(model) -> list[str]:
     if model is None:
         return [NO_MODEL]
     problems = []
+    is_sdxl = getattr(model, "is_sdxl", False)
     if getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False) \
-            or lowvram.is_enabled(model):
+            or (is_sdxl and getattr(shared.cmd_opts, "medvram_sdxl", False)) or lowvram.is_enabled(model):
         problems.append(LOW_VRAM)
-    if getattr(model, "is_sdxl", False):
-        problems.append(SDXL_NOT_YET)
-    elif not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)):
-        problems.append(f"Only SD 1.x and SD 2.x checkpoints can be trained; the loaded model is "
-                        f"a {type(model).__name__}.")
+    if getattr(model, "is_sd3", False):
+        problems.append(SD3_NOT_SUPPORTED)
+    else:
+        try:
+            make_backend(model)
+        except (UnsupportedModelError, AttributeError) as error:
+            problems.append(f"This checkpoint cannot be trained here ({type(model).__name__}): {error}. "
+                            "Load an SD 1.x, SD 2.x or SDXL base checkpoint.")
     odd = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
                   if p.dtype not in TRAINABLE_DTYPES})
     if odd:
