@@ -4,21 +4,22 @@ same adapters, on the same model and shape, measured in one run; plus peak memor
     .venv/bin/python bench/step_overhead.py                      # tiny SD1 widths
     .venv/bin/python bench/step_overhead.py --sd15-widths        # SD1.5 UNet widths, random weights
     .venv/bin/python bench/step_overhead.py --checkpointing      # with gradient checkpointing
+    .venv/bin/python bench/step_overhead.py --family sdxl        # SDXL-shaped tiny model
 
 The two are timed in alternating rounds (bare, loop, bare, loop, ...) and compared by their
 median step time, so a noisy machine affects both alike; peak memory is measured in one
-further run of each. Our loop's time per step is the time
-between consecutive progress callbacks: data, noise, timesteps, conditioning lookup, loss,
-backward, clipping, AdamW, LR schedule and the loss log. Goal: ratio ≤ 1.05.
+further run of each, with and without gradient checkpointing. Our loop's time per step is the
+time between consecutive progress callbacks: data, noise, timesteps, conditioning lookup,
+loss, backward, clipping, AdamW, LR schedule and the loss log. Goal: ratio ≤ 1.05.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -30,20 +31,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lora_dreambooth.adapters import inject  # noqa: E402
 from lora_dreambooth.config import TrainConfig  # noqa: E402
 from lora_dreambooth.demo import draw_character, write_images  # noqa: E402
-from lora_dreambooth.model import LdmBackend  # noqa: E402
+from lora_dreambooth.model import make_backend  # noqa: E402
 from lora_dreambooth.targets import find_targets  # noqa: E402
-from lora_dreambooth.tiny import build_tiny_sd1, write_tiny_clip  # noqa: E402
+from lora_dreambooth.tiny import build_tiny_sd1, build_tiny_sdxl, write_tiny_clip  # noqa: E402
 from lora_dreambooth.train import TrainCallbacks, train_lora  # noqa: E402
 
 
 class PeakMemory:
-    """Peak memory above the level at entry: the CUDA allocator's peak on a GPU, else the
-    process's resident set sampled every 20 ms (measured apart from the timing rounds: a
-    sampling thread competes for the GIL)."""
+    """Peak memory of a run: on a GPU the CUDA allocator's peak above the level at entry; on the
+    CPU (where torch keeps no allocator statistics and the process's resident set mostly shows
+    pages kept from earlier runs) the peak of activation bytes held for backward — tensors
+    autograd saved, each storage once, model weights excluded — which is what batch size,
+    resolution and gradient checkpointing change."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, model: torch.nn.Module):
         self.device = device
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.peak_bytes = 0
+        self._live: dict[int, list[int]] = {}  # storage → [refcount, bytes]
+        self._total = 0
 
     @contextmanager
     def measure(self) -> Iterator[None]:
@@ -55,33 +61,46 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak_bytes = torch.cuda.max_memory_allocated() - start
             return
-        start = _rss()
-        peak = [start]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], _rss())
-                time.sleep(0.02)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved.tensor):
             yield
-        finally:
-            stop.set()
-            sampler.join()
-            self.peak_bytes = peak[0] - start
+
+    def _pack(self, tensor: torch.Tensor) -> "_Saved":
+        return _Saved(tensor, self)
+
+    def _add(self, key: int, size: int) -> None:
+        if key in self.weights:
+            return
+        entry = self._live.setdefault(key, [0, size])
+        entry[0] += 1
+        if entry[0] == 1:
+            self._total += size
+            self.peak_bytes = max(self.peak_bytes, self._total)
+
+    def _release(self, key: int) -> None:
+        entry = self._live.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self._total -= entry[1]
+            del self._live[key]
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class _Saved:
+    """A tensor autograd keeps for backward, counted while it lives."""
+
+    def __init__(self, tensor: torch.Tensor, meter: PeakMemory):
+        storage = tensor.untyped_storage()
+        self.tensor, self.meter, self.key = tensor, meter, storage.data_ptr()
+        meter._add(self.key, storage.nbytes())
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
 
 
 def bare_steps(model, config: TrainConfig, steps: int) -> list[float]:
     """The floor: the same adapters, fixed latents and conditioning, nothing else."""
-    backend = LdmBackend(model)
+    backend = make_backend(model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     adapters = inject(model, find_targets(model, config.network, False), config)
@@ -92,16 +111,17 @@ def bare_steps(model, config: TrainConfig, steps: int) -> list[float]:
         with torch.no_grad():
             cond = backend.encode_prompts([config.trigger] * config.batch_size)
         times = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, 1000, (config.batch_size,), device=backend.device)
-            prediction = backend.predict(latents + noise, timesteps, cond)
-            torch.nn.functional.mse_loss(prediction.float(), noise).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _sync(backend.device)
-            times.append(time.perf_counter() - started)
+        with backend.gradient_checkpointing(config.gradient_checkpointing):
+            for _ in range(steps):
+                started = time.perf_counter()
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, 1000, (config.batch_size,), device=backend.device)
+                prediction = backend.predict(latents + noise, timesteps, cond)
+                torch.nn.functional.mse_loss(prediction.float(), noise).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                _sync(backend.device)
+                times.append(time.perf_counter() - started)
         return times
     finally:
         adapters.remove()
@@ -115,7 +135,7 @@ def loop_steps(model, config: TrainConfig, work: str) -> list[float]:
 
     def on_progress(progress) -> None:
         if progress.phase == "training":
-            _sync(LdmBackend(model).device)
+            _sync(make_backend(model).device)
             stamps.append(time.perf_counter())
 
     def on_caching_done(progress) -> None:
@@ -135,8 +155,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def build_model(family: str, sd15_widths: bool, work: str):
+    if family == "sdxl":
+        return build_tiny_sdxl(), "tiny SDXL-shaped"
+    if sd15_widths:
+        clip_dir = os.path.join(work, "clip")
+        os.makedirs(clip_dir)
+        write_tiny_clip(clip_dir, hidden=768, layers=2, heads=12)
+        return build_tiny_sd1(clip_dir=clip_dir, model_channels=320, channel_mult=(1, 2, 4, 4),
+                              context_dim=768), "SD1.5 widths"
+    return build_tiny_sd1(), "tiny SD1"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=("sd1", "sdxl"), default="sd1")
     parser.add_argument("--sd15-widths", action="store_true",
                         help="SD1.5 UNet widths (320, ×1 ×2 ×4 ×4, context 768), random weights")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
@@ -147,48 +180,46 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--network", default="lora")
-    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true", help="time both with gradient checkpointing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-")
-    if args.sd15_widths:
-        clip_dir = os.path.join(work, "clip")
-        os.makedirs(clip_dir)
-        write_tiny_clip(clip_dir, hidden=768, layers=2, heads=12)
-        model = build_tiny_sd1(clip_dir=clip_dir, model_channels=320, channel_mult=(1, 2, 4, 4), context_dim=768)
-    else:
-        model = build_tiny_sd1()
+    model, shape = build_model(args.family, args.sd15_widths, work)
     model.to(args.device)
-    shape = "SD1.5 widths" if args.sd15_widths else "tiny"
     unet_params = sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6
     images = write_images(os.path.join(work, "images"), draw_character, 4)
     config = TrainConfig(trigger="wpg", instance_dir=images, steps=args.warmup + args.steps + 1,
-                         batch_size=args.batch,
-                         resolution=args.resolution, network=args.network, rank=32, alpha=32.0,
-                         learning_rate=1e-4, gradient_checkpointing=args.checkpointing, overwrite=True)
+                         batch_size=args.batch, resolution=args.resolution, network=args.network,
+                         rank=32, alpha=32.0, learning_rate=1e-4,
+                         gradient_checkpointing=args.checkpointing, overwrite=True)
 
     bare: list[float] = []
     ours: list[float] = []
-    bare_memory, loop_memory = PeakMemory(model.device), PeakMemory(model.device)
     for round_no in range(args.rounds):  # timing rounds: no memory sampler running
         bare += bare_steps(model, config, args.warmup + args.steps)[args.warmup:]
         ours += loop_steps(model, config, os.path.join(work, f"round{round_no}"))[args.warmup:]
-    with bare_memory.measure():  # memory: one more run of each, sampled
-        bare_steps(model, config, args.steps)
-    with loop_memory.measure():
-        loop_steps(model, config, os.path.join(work, "memory"))
+    device = torch.device(args.device)
+    memory = {}
+    for label, run in (("bare", lambda c: bare_steps(model, c, args.steps)),
+                       ("loop", lambda c: loop_steps(model, c, os.path.join(work, "memory")))):
+        for checkpointing in (False, True):  # one more run each, sampled
+            meter = PeakMemory(device, model)
+            with meter.measure():
+                run(dataclasses.replace(config, gradient_checkpointing=checkpointing))
+            memory[label, checkpointing] = meter.peak_bytes / 2 ** 20
 
     bare_median, ours_median = statistics.median(bare), statistics.median(ours)
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"model: {shape} UNet ({unet_params:.1f} M params), device {args.device}, "
           f"{args.resolution}px, batch {args.batch}, {args.network} rank 32, "
           f"checkpointing {'on' if args.checkpointing else 'off'}, torch threads {torch.get_num_threads()}")
-    print(f"bare UNet fwd+bwd+AdamW : median {bare_median * 1000:8.1f} ms/step over {len(bare)} steps, "
-          f"peak memory +{bare_memory.peak_bytes / 2**20:.0f} MiB")
-    print(f"our training loop       : median {ours_median * 1000:8.1f} ms/step over {len(ours)} steps, "
-          f"peak memory +{loop_memory.peak_bytes / 2**20:.0f} MiB")
+    print(f"bare UNet fwd+bwd+AdamW : median {bare_median * 1000:8.1f} ms/step over {len(bare)} steps")
+    print(f"our training loop       : median {ours_median * 1000:8.1f} ms/step over {len(ours)} steps")
     print(f"ratio loop / bare       : {ours_median / bare_median:.3f}  (goal ≤ 1.05)")
+    for label in ("bare", "loop"):
+        print(f"peak memory {label:4s}        : +{memory[label, False]:.0f} MiB without checkpointing, "
+              f"+{memory[label, True]:.0f} MiB with")
 
 
 if __name__ == "__main__":
