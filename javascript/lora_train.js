@@ -54,6 +54,32 @@ function lora_train_start_class() {
     return res;
 }
 
+// "Show prior" and "Render grid": progress bar and live preview for their renders.
+function lora_train_start_render(progressId, galleryId, args) {
+    gradioApp().querySelector("#lora_train_error").innerHTML = "";
+
+    var id = randomId();
+    requestProgress(
+        id,
+        gradioApp().getElementById(progressId),
+        gradioApp().getElementById(galleryId),
+        function() {},
+        function() {}
+    );
+
+    var res = args_to_array(args);
+    res[0] = id;
+    return res;
+}
+
+function lora_train_start_prior() {
+    return lora_train_start_render("lora_train_prior", "lora_train_prior", arguments);
+}
+
+function lora_train_start_grid() {
+    return lora_train_start_render("lora_train_grid_output", "lora_train_grid_image", arguments);
+}
+
 function lora_train_send_to_txt2img(prompt) {
     var textarea = gradioApp().querySelector("#txt2img_prompt textarea");
     if (textarea && prompt) {

@@ -13,6 +13,9 @@ and files A1111's Lora loader picks up at once.
     files        uploads: sanitised names, image checks, atomic copies
     class_images "Generate N class images", reused while prompt and model are unchanged
     job          the one training job both the tab and the API run
+    token_check  how the loaded model's tokenizer reads a trigger; "Show prior" renders
+    contamination  the contamination grid: txt2img with <lora:name:w>, model restored, saved
     ui           the tab
+    ui_tools     the tab's trigger check and contamination grid section
     api          /lora-train/v1/* routes
 """

@@ -1,8 +1,13 @@
-"""/lora-train/v1/{train,status,cancel}: the same job as the tab, protected by --api-auth.
+"""/lora-train/v1/{train,status,cancel,token,grid}: the same job and tools as the tab,
+protected by --api-auth.
 
 ``POST /train`` takes TrainConfig's field names, plus ``instance_images`` (base64 images, or
 ``{"name", "data"}`` objects) instead of ``instance_dir``. Everything is checked before anything
 is written or started: 422 lists every problem, 409 means a run is active, 202 gives the job id.
+
+``GET /token?text=…`` is the trigger check (503 without a loaded model). ``POST /grid`` renders a
+contamination grid under A1111's queue lock and answers when it is done (409 while training, or
+when the user pressed Interrupt meanwhile).
 """
 from __future__ import annotations
 
@@ -13,16 +18,21 @@ import uuid
 from secrets import compare_digest
 from typing import Any, Callable, Optional
 
-from fastapi import Body, Depends, FastAPI, HTTPException
+from fastapi import Body, Depends, FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
+from modules import call_queue, shared
+
 from ..config import ConfigError, TrainConfig
-from . import files, paths
+from ..grid import GridRequest
+from . import contamination, files, paths, token_check
 from .job import JobStatus, RunRequest, TrainingJob, request_problems
 
 PREFIX = "/lora-train/v1"
 IMAGES_FIELD = "instance_images"
+GRID_FIELDS = ("lora", "trigger", "class_word", "prompts", "seed", "weights", "negative_prompt", "steps",
+               "cfg_scale", "resolution")
 
 
 def parse_credentials(api_auth: Optional[str]) -> dict[str, str]:
@@ -45,12 +55,14 @@ def basic_auth(credentials: dict[str, str]) -> Callable:
     return auth
 
 
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def status_body(status: JobStatus) -> dict[str, Any]:
-    preview = None
-    if status.preview is not None:
-        buffer = io.BytesIO()
-        status.preview.save(buffer, format="PNG")
-        preview = base64.b64encode(buffer.getvalue()).decode("ascii")
+    preview = None if status.preview is None else _png_base64(status.preview)
     return {"job": status.job, "state": status.state, "step": status.step, "total": status.total,
             "loss": status.loss, "eta_s": status.eta_s, "preview": preview, "output": status.output,
             "error": status.error}
@@ -85,6 +97,21 @@ def _prepare(payload: dict) -> tuple[Optional[TrainConfig], Optional[str], list[
     return config, staging, problems
 
 
+def grid_request(payload: dict) -> tuple[Optional[GridRequest], list[str]]:
+    """A GridRequest from JSON: GRID_FIELDS only; render settings default to the lecture's
+    preview settings (20 steps, CFG 5, the lecture's negative prompt, 512 px)."""
+    unknown = [f"unknown field '{k}'" for k in payload if k not in GRID_FIELDS]
+    if unknown:
+        return None, unknown
+    preview = TrainConfig()
+    values = {"negative_prompt": preview.preview_negative_prompt, "steps": preview.preview_steps,
+              "cfg_scale": preview.preview_cfg, "resolution": preview.resolution, "lora": "", "trigger": "",
+              "class_word": "", **{k: v for k, v in payload.items() if v is not None}}
+    request = GridRequest(**values)
+    problems = contamination.request_problems(request)
+    return (None, problems) if problems else (request, [])
+
+
 def register(app: FastAPI, job: TrainingJob, api_auth: Optional[str] = None) -> None:
     """on_app_started callback body."""
     dependencies = [Depends(basic_auth(parse_credentials(api_auth)))] if api_auth else []
@@ -112,6 +139,33 @@ def register(app: FastAPI, job: TrainingJob, api_auth: Optional[str] = None) -> 
         cancelled = job.cancel()
         return {"cancelled": cancelled, **status_body(job.status())}
 
+    def token(text: str = Query(..., description="the trigger word to check")) -> JSONResponse:
+        report, problem = token_check.check(text)
+        if report is None:
+            return JSONResponse(status_code=503, content={"detail": [problem]})
+        return JSONResponse(content={**report.to_dict(), "message": report.describe()})
+
+    def grid(payload: dict = Body(...)) -> JSONResponse:
+        if job.active:
+            return _busy()
+        request, problems = grid_request(payload)
+        if problems:
+            return JSONResponse(status_code=422, content={"detail": problems})
+        with call_queue.queue_lock:  # after any txt2img in progress, like A1111's own API
+            shared.state.begin(job="lora-train-grid")
+            try:
+                outcome = contamination.run(request, job.status())
+            finally:
+                shared.state.end()  # frees memory too
+        if outcome.grid is None:
+            return JSONResponse(status_code=409, content={"detail": [outcome.message]})
+        return JSONResponse(content={
+            "image": _png_base64(outcome.grid.image), "path": outcome.path,
+            "moved_at": request.strongest,
+            "rows": [{"prompt": row.prompt, "moved": row.moved} for row in outcome.grid.rows]})
+
     app.add_api_route(f"{PREFIX}/train", train, methods=["POST"], status_code=202, dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/cancel", cancel, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/token", token, methods=["GET"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/grid", grid, methods=["POST"], dependencies=dependencies)

@@ -44,6 +44,7 @@ class JobStatus:
     trigger: str = ""
     name: Optional[str] = None       # the LoRA's final name (name, name-1, …)
     output: Optional[str] = None     # the .safetensors written
+    run_dir: Optional[str] = None    # previews, loss.csv, config.json (and contamination grids)
     error: Optional[str] = None
     preview: Optional[Image.Image] = None
     previews: list[str] = field(default_factory=list)
@@ -263,7 +264,7 @@ class TrainingJob:
             if a1111.refresh_lora_list():
                 self._log(f"Lora list refreshed: <lora:{result.name}:1> is ready")
         with self._lock:
-            self._status.name, self._status.output = result.name, result.path
+            self._status.name, self._status.output, self._status.run_dir = result.name, result.path, result.run_dir
         if result.cancelled:
             done = f"saved {result.path}" if result.path else "nothing saved"
             self._finish(CANCELLED, text=f"Cancelled after {result.steps_done} steps: {done}")

@@ -1,5 +1,5 @@
 """txt2img through A1111's own processing: the user's sampler code, VAE and prompt handling
-(emphasis, embeddings) make the previews and class images."""
+(emphasis, embeddings) make the previews, class images and contamination grids."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +11,7 @@ from PIL import Image
 from modules import paths_internal, processing, shared
 
 from ..export import atomic_write
+from ..grid import lora_tag
 
 #: A1111's extra-network syntax (``<lora:name:1>``, ``<hypernet:…>``): any of these in a
 #: preview would load a network on top of the one being trained.
@@ -26,9 +27,26 @@ def strip_extra_networks(prompt: str) -> str:
 
 def txt2img(prompt: str, negative_prompt: str, *, seed: int, steps: int, cfg_scale: float,
             width: int, height: int) -> Optional[Image.Image]:
-    """One image, or None when A1111's Interrupt/Stop cut the call short."""
+    """One image without any extra network (previews, class images, the model's prior), or
+    None when A1111's Interrupt/Stop cut the call short."""
+    return _process(strip_extra_networks(prompt), negative_prompt, seed=seed, steps=steps,
+                    cfg_scale=cfg_scale, width=width, height=height)
+
+
+def txt2img_with_lora(prompt: str, negative_prompt: str, lora: str, weight: float, *, seed: int,
+                      steps: int, cfg_scale: float, width: int, height: int) -> Optional[Image.Image]:
+    """One image with the LoRA ``lora`` applied by A1111's own Lora extension (``<lora:name:w>``
+    appended to the prompt, any other extra network removed). A1111 leaves the LoRA merged into
+    the weights after the call: the caller restores them (``a1111.deactivate_networks``)."""
+    tagged = f"{strip_extra_networks(prompt)} {lora_tag(lora, weight)}".strip()
+    return _process(tagged, negative_prompt, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                    width=width, height=height)
+
+
+def _process(prompt: str, negative_prompt: str, *, seed: int, steps: int, cfg_scale: float,
+             width: int, height: int) -> Optional[Image.Image]:
     p = processing.StableDiffusionProcessingTxt2Img(
-        sd_model=shared.sd_model, prompt=strip_extra_networks(prompt),
+        sd_model=shared.sd_model, prompt=prompt,
         negative_prompt=strip_extra_networks(negative_prompt), seed=seed, steps=steps,
         cfg_scale=cfg_scale, width=width, height=height, sampler_name=SAMPLER, batch_size=1,
         n_iter=1, do_not_save_samples=True, do_not_save_grid=True)

@@ -1,12 +1,14 @@
 """The "LoRA Train" tab (gradio 3.41, A1111's components and element-id conventions).
 
-Left: dataset, class images, prompts, hyperparameters (every TrainConfig field has a control
-``#lora_train_<field>``). Right: Start / Cancel / Reset, A1111's progress bar and live preview,
-the preview gallery, the loss curve, the log, and "Send to txt2img".
+Left: dataset, class images, prompts (with the trigger check and "Show prior"), hyperparameters
+(every TrainConfig field has a control ``#lora_train_<field>``). Right: Start / Cancel / Reset,
+A1111's progress bar and live preview, the preview gallery, the loss curve, the log, "Send to
+txt2img" and the contamination grid (ui_tools).
 
-Start and "Generate class images" go through ``wrap_gradio_gpu_call`` with the page's
-``task(<id>)`` (javascript/lora_train.js), like A1111's own textual-inversion training; Cancel,
-refresh and the upload buttons do not touch the GPU and skip the queue."""
+Start, "Generate class images", "Show prior" and "Render grid" go through
+``wrap_gradio_gpu_call`` with the page's ``task(<id>)`` (javascript/lora_train.js), like A1111's
+own textual-inversion training; Cancel, refresh, the upload buttons and the trigger check do
+not touch the GPU and skip the queue."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +25,7 @@ from ..config import (LR_SCHEDULES, NETWORK_TYPES, OPTIMIZERS, PRECISIONS,
 from ..export import SAVE_DTYPES
 from . import a1111, class_images, files, paths, settings
 from .job import JobStatus, RunRequest, TrainingJob, request_problems
+from .ui_tools import GridSection, TriggerCheck
 
 PROMPT_FIELDS = ("trigger", "class_prompt", "preview_prompt", "preview_negative_prompt", "name", "overwrite")
 MAIN_FIELDS = ("steps", "learning_rate", "batch_size", "gradient_accumulation", "rank", "alpha",
@@ -235,6 +238,7 @@ class _Handlers:
 def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
     """on_ui_tabs callback body: the tab for A1111's tab bar."""
     handlers = _Handlers(job)
+    trigger_check, grid = TriggerCheck(job), GridSection(job)
     preset_name = settings.get(settings.DEFAULT_PRESET)
     preset_name = preset_name if preset_name in PRESETS else next(iter(PRESETS))
     defaults = apply_preset(TrainConfig(), preset_name)
@@ -273,7 +277,9 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
                         class_gallery = gr.Gallery(value=files.list_images(ws.class_dir), label="Class images",
                                                    columns=6, height=260, elem_id="lora_train_class_gallery")
                     with gr.Tab("Prompts", elem_id="lora_train_prompts_tab"):
-                        add(PROMPT_FIELDS)
+                        add(PROMPT_FIELDS[:1])  # the trigger, with its check right under it
+                        trigger_check.build(defaults.trigger)
+                        add(PROMPT_FIELDS[1:])
                     with gr.Tab("Hyperparameters", elem_id="lora_train_hyper_tab"):
                         preset = gr.Dropdown(choices=list(PRESETS), value=preset_name,
                                              label="Preset", elem_id="lora_train_preset")
@@ -299,6 +305,7 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
                     lora_prompt = gr.Textbox(label="Prompt for txt2img", interactive=False,
                                              elem_id="lora_train_lora_prompt")
                     send = gr.Button("Send to txt2img", elem_id="lora_train_send")
+                grid.build(defaults.trigger, defaults.class_prompt)
                 log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="lora_train_log")
                 error = gr.HTML(elem_id="lora_train_error")
         task_id = gr.Textbox(visible=False, elem_id="lora_train_task_id")
@@ -322,9 +329,13 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
         preset.change(handlers.preset, inputs=[preset], outputs=[fields[f] for f in PRESET_FIELDS], queue=False)
 
         view = [output, result, lora_prompt, previews, loss, log]
-        start.click(call_queue.wrap_gradio_gpu_call(handlers.start, extra_outputs=[gr.update()] * len(view)),
-                    _js="lora_train_start", inputs=[task_id, *[fields[f] for f in FORM_FIELDS]],
-                    outputs=[*view, error])
+        run = start.click(call_queue.wrap_gradio_gpu_call(handlers.start, extra_outputs=[gr.update()] * len(view)),
+                          _js="lora_train_start", inputs=[task_id, *[fields[f] for f in FORM_FIELDS]],
+                          outputs=[*view, error])
+        render = [fields[f] for f in ("preview_negative_prompt", "preview_seed", "preview_steps", "preview_cfg",
+                                      "resolution")]
+        trigger_check.wire(fields["trigger"], fields["class_prompt"], render, task_id, error)
+        grid.wire([render[0], *render[2:]], task_id, error, run, fields["class_prompt"])
         cancel.click(handlers.cancel, outputs=[progress], queue=False)
         refresh.click(handlers.refresh, outputs=view, queue=False)
         reset.click(handlers.reset, inputs=arith_inputs,

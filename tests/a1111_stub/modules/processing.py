@@ -3,20 +3,19 @@
 What it keeps of A1111 1.10.1: the dataclass fields the host passes (unknown keyword → TypeError),
 ``job_count == -1`` → ``n_iter``, Interrupt checked before each batch (an interrupted call
 returns no images), ``params.txt`` in the data folder overwritten by the first batch, ``sampling_step(s)`` and ``state.nextjob()`` per batch, seed -1 →
-random, and ``<name:args>`` extra-network tags being parsed out of the prompt (a LoRA named
-there would be activated: recorded in ``activated_networks`` so tests can see it never is).
+random, and ``<name:args>`` extra-network tags parsed out of the prompt and handed to the
+registered extra networks before sampling (``<lora:name:w>`` really merges the LoRA, see
+networks.py; every LoRA named is also recorded in ``activated_networks``).
 Sampling itself is the engine's DPM++ 2M renderer on the given model, so a preview really
 shows the adapter being trained."""
 from __future__ import annotations
 
 import os
 import random
-import re
 from dataclasses import dataclass, field
 
-from modules import paths_internal, shared
+from modules import extra_networks, paths_internal, shared
 
-re_extra_net = re.compile(r"<(\w+):([^>]+)>")
 activated_networks: list[str] = []
 
 
@@ -66,15 +65,16 @@ def process_images(p: StableDiffusionProcessing) -> Processed:
 
     state = shared.state
     seed = random.randrange(2 ** 32) if p.seed in (None, -1) else int(p.seed)
-    prompt = re_extra_net.sub("", p.prompt)
-    if not p.disable_extra_networks:
-        activated_networks.extend(m.group(2) for m in re_extra_net.finditer(p.prompt) if m.group(1) == "lora")
+    prompt, extra_network_data = extra_networks.parse_prompt(p.prompt)
     images = []
     if state.job_count == -1:
         state.job_count = p.n_iter
     for n in range(p.n_iter):
         if state.interrupted:
             break
+        if not p.disable_extra_networks:
+            activated_networks.extend(params.items[0] for params in extra_network_data.get("lora", []))
+            extra_networks.activate(p, extra_network_data)
         if n == 0:  # A1111 records the last generation's infotext for the "read params" button
             with open(os.path.join(paths_internal.data_path, "params.txt"), "w", encoding="utf8") as file:
                 file.write(f"{prompt}\nNegative prompt: {p.negative_prompt}\nSteps: {p.steps}, Seed: {seed}")
@@ -85,4 +85,6 @@ def process_images(p: StableDiffusionProcessing) -> Processed:
                                          cfg_scale=p.cfg_scale, width=p.width, height=p.height))
         state.sampling_step = p.steps
         state.nextjob()
+    if not p.disable_extra_networks and extra_network_data:
+        extra_networks.deactivate(p, extra_network_data)
     return Processed(p, images, seed=seed)
