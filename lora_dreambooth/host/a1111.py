@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from modules import devices, lowvram, shared
 
+from ..families import family_defaults, family_label
 from ..model import UnsupportedModelError, make_backend
 
 #: Weight dtypes the engine trains on (A1111's fp8 weight storage is not one of them).
@@ -87,3 +88,16 @@ def refresh_lora_list() -> bool:
 
 def release_memory() -> None:
     devices.torch_gc()
+
+
+def loaded_family() -> tuple[Optional[str], dict]:
+    """(label such as "SDXL", that family's config defaults) for the model A1111 holds now;
+    (None, {}) when none is loaded or it is not one we train."""
+    model = shared.sd_model
+    if model is None:
+        return None, {}
+    try:
+        backend = make_backend(model)
+    except (UnsupportedModelError, AttributeError):
+        return None, {}
+    return family_label(backend), family_defaults(backend)

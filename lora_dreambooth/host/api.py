@@ -26,7 +26,7 @@ from modules import call_queue, shared
 
 from ..config import ConfigError, TrainConfig
 from ..grid import GridRequest
-from . import contamination, files, paths, token_check
+from . import a1111, contamination, files, paths, token_check
 from .job import JobStatus, RunRequest, TrainingJob, request_problems
 
 PREFIX = "/lora-train/v1"
@@ -74,7 +74,7 @@ def _busy() -> JSONResponse:
 
 def _prepare(payload: dict) -> tuple[Optional[TrainConfig], Optional[str], list[str]]:
     """(config, staged image folder, problems); on problems nothing is left on disk."""
-    values = dict(payload)
+    values = {**a1111.loaded_family()[1], **payload}  # unset fields: the loaded family's defaults
     images = values.pop(IMAGES_FIELD, None)
     problems: list[str] = []
     staging = None

@@ -23,6 +23,7 @@ from modules.ui_components import FormRow, ToolButton
 from ..config import (LR_SCHEDULES, NETWORK_TYPES, OPTIMIZERS, PRECISIONS,
                       PRESETS, ConfigError, TrainConfig, apply_preset, epoch_arithmetic)
 from ..export import SAVE_DTYPES
+from ..families import FAMILY_FIELDS
 from . import a1111, class_images, files, paths, settings
 from .job import JobStatus, RunRequest, TrainingJob, request_problems
 from .ui_tools import GridSection, TriggerCheck
@@ -120,6 +121,12 @@ def arithmetic_text(images: int, batch_size: Any, accumulation: Any, steps: Any)
     return epoch_arithmetic(images, batch, acc, total).describe(batch, acc, total)
 
 
+def _family_html(label: Optional[str]) -> str:
+    if label is None:
+        return "<p>Loaded model: none that can be trained (see the messages on Start).</p>"
+    return f"<p>Loaded model: {html.escape(label)}</p>"
+
+
 def _loss_frame(status: JobStatus) -> pd.DataFrame:
     return pd.DataFrame(status.losses, columns=["step", "loss"])
 
@@ -194,6 +201,13 @@ class _Handlers:
         config = apply_preset(TrainConfig(), name)
         return [getattr(config, field) for field in PRESET_FIELDS]
 
+    @staticmethod
+    def family_defaults() -> list:
+        """The loaded model's family line, and its defaults in the family fields."""
+        label, defaults = a1111.loaded_family()
+        values = [defaults.get(field, gr.update()) for field in FAMILY_FIELDS]
+        return [_family_html(label), *values]
+
     def start(self, id_task: str, *values) -> tuple:
         ws = paths.workspace()
         try:
@@ -241,7 +255,8 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
     trigger_check, grid = TriggerCheck(job), GridSection(job)
     preset_name = settings.get(settings.DEFAULT_PRESET)
     preset_name = preset_name if preset_name in PRESETS else next(iter(PRESETS))
-    defaults = apply_preset(TrainConfig(), preset_name)
+    family, family_defaults = a1111.loaded_family()
+    defaults = dataclasses.replace(apply_preset(TrainConfig(), preset_name), **family_defaults)
     ws = paths.workspace()
     fields: dict[str, gr.components.Component] = {}
 
@@ -281,6 +296,10 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
                         trigger_check.build(defaults.trigger)
                         add(PROMPT_FIELDS[1:])
                     with gr.Tab("Hyperparameters", elem_id="lora_train_hyper_tab"):
+                        with FormRow():
+                            family_line = gr.HTML(_family_html(family), elem_id="lora_train_family")
+                            family_button = gr.Button("Defaults for the loaded model",
+                                                      elem_id="lora_train_family_defaults")
                         preset = gr.Dropdown(choices=list(PRESETS), value=preset_name,
                                              label="Preset", elem_id="lora_train_preset")
                         arithmetic = gr.HTML(handlers.arithmetic(defaults.steps, defaults.batch_size,
@@ -326,6 +345,8 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
             outputs=[class_gallery, class_info, error])
         for component in arith_inputs:
             component.change(handlers.arithmetic, inputs=arith_inputs, outputs=[arithmetic], queue=False)
+        family_button.click(handlers.family_defaults, outputs=[family_line, *[fields[f] for f in FAMILY_FIELDS]],
+                            queue=False)
         preset.change(handlers.preset, inputs=[preset], outputs=[fields[f] for f in PRESET_FIELDS], queue=False)
 
         view = [output, result, lora_prompt, previews, loss, log]

@@ -60,7 +60,7 @@ class Processed:
 
 
 def process_images(p: StableDiffusionProcessing) -> Processed:
-    from lora_dreambooth.model import LdmBackend
+    from lora_dreambooth.model import make_backend
     from lora_dreambooth.preview import render_preview
 
     state = shared.state
@@ -80,7 +80,7 @@ def process_images(p: StableDiffusionProcessing) -> Processed:
                 file.write(f"{prompt}\nNegative prompt: {p.negative_prompt}\nSteps: {p.steps}, Seed: {seed}")
         state.sampling_steps = p.steps
         for i in range(p.batch_size):
-            images.append(render_preview(LdmBackend(shared.sd_model), prompt, p.negative_prompt,
+            images.append(render_preview(make_backend(shared.sd_model), prompt, p.negative_prompt,
                                          seed=seed + n * p.batch_size + i, steps=p.steps,
                                          cfg_scale=p.cfg_scale, width=p.width, height=p.height))
         state.sampling_step = p.steps
