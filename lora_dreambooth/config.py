@@ -64,6 +64,10 @@ class TrainConfig:
     conv_alpha: float = 8.0
     train_text_encoder: bool = False
     text_encoder_lr: float = 5e-5
+    # Pivotal tuning: a new embedding for the trigger, trained with the adapter and bundled
+    # in the LoRA file (one vector per token of the trigger; see embedding.py)
+    pivotal: bool = False
+    embedding_lr: float = 1e-3
     # Images
     resolution: int = 512
     buckets: bool = False
@@ -84,7 +88,12 @@ class TrainConfig:
     preview_cfg: float = 5.0
     save_every: int = 0  # 0 = only the final file
     save_dtype: str = "fp16"
+    save_optimizer: bool = True  # optimizer.safetensors in the run folder, for an exact resume
     overwrite: bool = False
+    # Continue a LoRA this extension wrote (.safetensors); its run's optimizer state is found
+    # beside it or given here (see resume.py)
+    resume_from: str = ""
+    resume_optimizer: str = ""
     comment: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -109,13 +118,12 @@ class TrainConfig:
         elif re.search(r"[<>:]", trigger):
             p.append("trigger must not contain '<', '>' or ':' (they break <lora:...> prompts)")
         name = self.output_name  # empty only when the trigger is, which is reported above
-        if not name:
-            pass
-        elif _NAME_FORBIDDEN.search(name) or name in (".", "..") or name != name.strip(". "):
-            p.append("LoRA name must not contain path characters (< > : \" / \\ | ? *) "
-                     "or start/end with a dot or space")
-        elif len(name) > 100:
-            p.append("LoRA name must be at most 100 characters")
+        problem = name_problem(name) if name else ""
+        if problem:
+            p.append(problem)
+        if self.pivotal and "." in trigger:
+            p.append("with pivotal tuning the trigger must not contain '.' (A1111 reads a bundled "
+                     "embedding's name up to the first dot)")
         _range(p, "steps", self.steps, 1, 100_000)
         _range(p, "learning rate", self.learning_rate, 1e-7, 1e-1)
         _range(p, "batch size", self.batch_size, 1, 64)
@@ -125,6 +133,7 @@ class TrainConfig:
         _range(p, "convolution rank", self.conv_rank, 1, 128)
         _range(p, "convolution alpha", self.conv_alpha, 1e-3, 1024)
         _range(p, "text encoder learning rate", self.text_encoder_lr, 1e-7, 1e-1)
+        _range(p, "embedding learning rate", self.embedding_lr, 1e-7, 1)
         _range(p, "regularization strength", self.regularization, 0, 10)
         _range(p, "warmup steps", self.lr_warmup_steps, 0, max(self.steps, 0))
         _range(p, "weight decay", self.weight_decay, 0, 1)
@@ -144,6 +153,11 @@ class TrainConfig:
         _choice(p, "save precision", self.save_dtype, ("fp16", "bf16", "fp32"))
         if self.regularization > 0 and not self.class_prompt.strip():
             p.append("class prompt is needed when regularization is above 0 (e.g. 'woman')")
+        for label, path in (("resume from", self.resume_from), ("resume optimizer", self.resume_optimizer)):
+            if path.strip() and not path.strip().lower().endswith(".safetensors"):
+                p.append(f"{label} must be a .safetensors file (other formats are never unpickled)")
+        if self.resume_optimizer.strip() and not self.resume_from.strip():
+            p.append("resume optimizer needs 'resume from' (the LoRA file it belongs to)")
         return p
 
     def validate(self) -> "TrainConfig":
@@ -173,6 +187,16 @@ class TrainConfig:
         if problems:
             raise ConfigError(problems)
         return cls(**kwargs)
+
+
+def name_problem(name: str) -> str:
+    """Why ``name`` cannot be a LoRA file stem, or "" when it can."""
+    if _NAME_FORBIDDEN.search(name) or name in (".", "..") or name != name.strip(". "):
+        return ("LoRA name must not contain path characters (< > : \" / \\ | ? *) "
+                "or start/end with a dot or space")
+    if len(name) > 100:
+        return "LoRA name must be at most 100 characters"
+    return ""
 
 
 def _coerce(value: Any, kind: type) -> Any:

@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 
 from .adapters import ADAPTER, Adapters, Layer
-from .config import TrainConfig
+from .config import TrainConfig, name_problem
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -55,7 +55,9 @@ def file_alpha(layer: Layer, network: str) -> float:
     return float(layer.rank) if network == "lokr" else float(layer.alpha)
 
 
-def _layer_tensors(layer: Layer, network: str) -> dict[str, torch.Tensor]:
+def layer_tensors(layer: Layer, network: str) -> dict[str, torch.nn.Parameter]:
+    """kohya suffix → the adapter's own parameter (what the file holds for this layer, and
+    what a resumed run loads back into)."""
     wrapper = layer.wrapper
     if network in ("lora", "locon"):
         # peft's lora_A/lora_B are kohya's lora_down/lora_up with the same shapes (4-D for
@@ -74,7 +76,7 @@ def kohya_tensors(adapters: Adapters, dtype: torch.dtype = torch.float16) -> dic
     tensors: dict[str, torch.Tensor] = {}
     for layer in adapters.layers:
         prefix = layer.target.kohya_name
-        for suffix, t in _layer_tensors(layer, adapters.network).items():
+        for suffix, t in layer_tensors(layer, adapters.network).items():
             tensors[f"{prefix}.{suffix}"] = t.detach().to("cpu", dtype).contiguous()
         tensors[f"{prefix}.alpha"] = torch.tensor(file_alpha(layer, adapters.network), dtype=torch.float32)
     return tensors
@@ -140,7 +142,9 @@ def _png_base64(image: "Image.Image") -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _version(sd_version: str) -> tuple[str, str, str, str]:
+def version_info(sd_version: str) -> tuple[str, str, str, str]:
+    """(ss_base_model_version, ss_v2, modelspec architecture, sidecar "sd version") of an
+    ``sd_version`` tag ("sd1", "sd2", "sd2-v", "sdxl")."""
     try:
         return _VERSIONS[sd_version.lower()]
     except KeyError:
@@ -154,11 +158,13 @@ def describe(config: TrainConfig, steps_done: int) -> str:
            if config.prior_preservation else "no regularization")
     alphas = ("alpha not applied (LoKr)" if config.network == "lokr"
               else f"alpha {config.alpha:g}, conv alpha {config.conv_alpha:g}")
+    pivotal = (f", pivotal tuning: embedding '{config.trigger.strip()}' bundled, lr {config.embedding_lr:g}"
+               if config.pivotal else "")
     return (f"lora-dreambooth: {config.network}, rank {config.rank}, conv rank {config.conv_rank}, "
             f"{alphas}; {steps_done} of "
             f"{config.steps} steps, batch {config.batch_size} × accumulation "
             f"{config.gradient_accumulation}, lr {config.learning_rate:g} ({config.lr_schedule}), "
-            f"{te}, {config.optimizer}, resolution {config.resolution}, {reg}, seed {config.seed}")
+            f"{te}{pivotal}, {config.optimizer}, resolution {config.resolution}, {reg}, seed {config.seed}")
 
 
 def lora_metadata(adapters: Adapters, config: TrainConfig, name: str, *, sd_version: str,
@@ -167,7 +173,7 @@ def lora_metadata(adapters: Adapters, config: TrainConfig, name: str, *, sd_vers
                   extra_metadata: Optional[dict] = None) -> dict[str, str]:
     """kohya's ``ss_*`` and SAI ``modelspec.*`` fields, all strings. ``extra_metadata`` is
     added first, so it cannot override these (``sshs_model_hash`` is added by ``save_lora``)."""
-    base_version, v2, architecture, _ = _version(sd_version)
+    base_version, v2, architecture, _ = version_info(sd_version)
     lokr = adapters.network == "lokr"
     alpha = config.rank if lokr else config.alpha
     conv_alpha = config.conv_rank if lokr else config.conv_alpha
@@ -218,29 +224,44 @@ def lora_metadata(adapters: Adapters, config: TrainConfig, name: str, *, sd_vers
 
 def save_lora(adapters: Adapters, config: TrainConfig, folder: str, *, sd_version: str, steps_done: int,
               num_train_images: int, tag_frequency: dict, cover_image: "Optional[Image.Image]" = None,
-              extra_metadata: Optional[dict] = None) -> ExportResult:
+              extra_metadata: Optional[dict] = None,
+              embedding: Optional[dict[str, torch.Tensor]] = None) -> ExportResult:
     """Write ``<folder>/<name>.safetensors`` and ``<name>.json``.
 
     ``name`` is ``config.output_name``, or ``name-1``, ``name-2``... when taken and
     ``config.overwrite`` is off. ``sd_version``: "sd1", "sd2", "sd2-v" (768 v-prediction) or
-    "sdxl", any case. Tensors are saved in ``config.save_dtype``."""
+    "sdxl", any case. Tensors are saved in ``config.save_dtype``; ``embedding`` (pivotal
+    tuning's ``bundle_emb.*`` tensors, see ``embedding.Pivot.tensors``) as they are."""
     os.makedirs(folder, exist_ok=True)
     name = unique_name(folder, config.output_name, config.overwrite)
-    path = os.path.join(folder, name + ".safetensors")
-    sidecar_path = os.path.join(folder, name + ".json")
     tensors = kohya_tensors(adapters, SAVE_DTYPES[config.save_dtype])
+    tensors.update(embedding or {})
     metadata = lora_metadata(adapters, config, name, sd_version=sd_version, steps_done=steps_done,
                              num_train_images=num_train_images, tag_frequency=tag_frequency,
                              cover_image=cover_image, extra_metadata=extra_metadata)
-    # The hash covers only the bytes after the header, which metadata does not change:
-    # serialise, hash, and serialise again with the hash in the header.
-    metadata["sshs_model_hash"] = _hash_after_header(safetensors.torch.save(tensors, metadata))
+    sidecar = {"description": "", "sd version": version_info(sd_version)[3], "activation text": config.trigger,
+               "preferred weight": 1.0, "negative text": "", "notes": describe(config, steps_done)}
+    return _write_lora(folder, name, tensors, metadata, sidecar)
+
+
+def _with_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The file's bytes with ``sshs_model_hash`` in its header. The hash covers only the bytes
+    after the header, which metadata does not change: serialise, hash, and serialise again
+    with the hash in the header."""
+    metadata = dict(metadata, sshs_model_hash=_hash_after_header(safetensors.torch.save(tensors, metadata)))
     data = safetensors.torch.save(tensors, metadata)
     if _hash_after_header(data) != metadata["sshs_model_hash"]:
         raise RuntimeError("safetensors laid the tensors out differently on the second pass")
+    return data
 
-    sidecar = {"description": "", "sd version": _version(sd_version)[3], "activation text": config.trigger,
-               "preferred weight": 1.0, "negative text": "", "notes": describe(config, steps_done)}
+
+def _write_lora(folder: str, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                sidecar: dict) -> ExportResult:
+    """``<name>.safetensors`` (hashed) and its sidecar, each atomically; a LoRA whose sidecar
+    fails is removed again unless it replaced an existing file."""
+    path = os.path.join(folder, name + ".safetensors")
+    sidecar_path = os.path.join(folder, name + ".json")
+    data = _with_hash(tensors, metadata)
     sidecar_bytes = json.dumps(sidecar, indent=2, ensure_ascii=False).encode("utf-8")
     existed = os.path.exists(path)
     atomic_write(path, _write_bytes(data))
@@ -251,3 +272,40 @@ def save_lora(adapters: Adapters, config: TrainConfig, folder: str, *, sd_versio
             os.remove(path)
         raise
     return ExportResult(path, sidecar_path, name)
+
+
+def promote(path: str, lora_dir: str, overwrite: bool = False, name: str = "") -> ExportResult:
+    """Copy a LoRA file (e.g. a run's ``<name>-step00200.safetensors``) and its sidecar into
+    ``lora_dir`` under ``name`` (default: the file's stem; ``name-1``... when taken unless
+    ``overwrite``), with ``ss_output_name`` / ``modelspec.title`` set to the new name so
+    ``<lora:name:w>`` finds it, and ``sshs_model_hash`` recomputed. Tensors are copied as
+    they are (read with safetensors: nothing is unpickled). Without a sidecar beside the
+    file, a minimal one is written from the metadata."""
+    if not path.lower().endswith(".safetensors") or not os.path.isfile(path):
+        raise ValueError(f"not a .safetensors file: {path}")
+    stem = os.path.basename(path)[:-len(".safetensors")]
+    problem = name_problem(name.strip() or stem)
+    if problem:
+        raise ValueError(problem)
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    os.makedirs(lora_dir, exist_ok=True)
+    final = unique_name(lora_dir, name.strip() or stem, overwrite)
+    if os.path.abspath(os.path.join(lora_dir, final + ".safetensors")) == os.path.abspath(path):
+        raise ValueError(f"{path} is already in the Lora folder under that name")
+    metadata.update({"ss_output_name": final, "modelspec.title": final})
+    sidecar_source = path[:-len(".safetensors")] + ".json"
+    if os.path.isfile(sidecar_source):
+        with open(sidecar_source, encoding="utf-8") as f:
+            sidecar = json.load(f)
+    else:
+        sidecar = _sidecar_from_metadata(metadata)
+    return _write_lora(lora_dir, final, tensors, metadata, sidecar)
+
+
+def _sidecar_from_metadata(metadata: dict[str, str]) -> dict:
+    version = next((v[3] for v in _VERSIONS.values() if v[0] == metadata.get("ss_base_model_version")), "SD1")
+    return {"description": "", "sd version": version,
+            "activation text": metadata.get("modelspec.trigger_phrase", ""), "preferred weight": 1.0,
+            "negative text": "", "notes": ""}

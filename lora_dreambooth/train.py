@@ -6,6 +6,10 @@ noise at random timesteps with the model's own schedule, predict with the adapte
 take the MSE against the noise (or velocity for "v" models), min-SNR weighted if asked; with
 prior preservation the class half of the batch is weighted by the regularization strength.
 
+With ``pivotal`` the trigger also gets a new embedding trained alongside (``embedding``);
+with ``resume_from`` a run continues an earlier LoRA of ours, step count, LR schedule, data
+order and (when its run folder kept it) optimizer state included (``resume``).
+
 Whatever happens the model ends as it began: adapters removed, flags restored, and a
 snapshot comparison proves it. Stopping saves what was trained; an error writes nothing.
 """
@@ -25,10 +29,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from PIL import Image
 
-from . import export
+from . import export, resume
 from .adapters import Adapters, inject
 from .config import TrainConfig
 from .data import DreamBoothDataset, MicroBatch
+from .embedding import Pivot, install_pivot
 from .guard import ModelSnapshot
 from .model import Backend, Conditioning, cat_conditioning, detach_conditioning, make_backend
 from .preview import render_preview
@@ -41,8 +46,8 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Progress:
-    step: int            # optimizer updates done
-    total: int           # config.steps
+    step: int            # optimizer updates done (a resumed run counts on from the file's)
+    total: int           # config.steps (plus the resumed file's steps)
     loss: float          # mean loss of the last step
     lr: float            # current UNet learning rate
     samples_per_s: float
@@ -65,12 +70,13 @@ class TrainResult:
     path: Optional[str]          # the .safetensors written; None when stopped before step 1
     sidecar_path: Optional[str]  # <name>.json
     name: Optional[str]          # final name (name, name-1, ...)
-    steps_done: int
+    steps_done: int              # steps of this run (the file records resumed_steps + steps_done)
     cancelled: bool
     losses: list[float]
     previews: list[str]          # preview image paths in run_dir
     run_dir: str
     skipped: list = field(default_factory=list)  # data.Skipped of unusable images
+    resumed_steps: int = 0       # steps of the LoRA this run continued (0: a new LoRA)
 
 
 class _Stopped(Exception):
@@ -82,41 +88,57 @@ def train_lora(model, config: TrainConfig, lora_dir: str, run_dir: str,
     """Train an adapter in place on ``model`` (ldm LatentDiffusion, plain or A1111-wrapped, or
     SDXL's sgm DiffusionEngine as A1111 holds it),
     write ``<lora_dir>/<name>.safetensors`` + ``<name>.json``, and previews / ``loss.csv`` /
-    ``config.json`` in ``run_dir``. Stopping saves what was trained; any exception restores the
-    model, writes nothing in ``lora_dir`` and raises ``TrainingError``."""
+    ``config.json`` (and ``optimizer.safetensors``) in ``run_dir``. Stopping saves what was
+    trained; any exception restores the model, writes nothing in ``lora_dir`` and raises
+    ``TrainingError``. Bad data or an unreadable ``resume_from`` fail before the model is
+    touched (``NoImagesError``, ``resume.ResumeError``)."""
     config.validate()
     callbacks = callbacks or TrainCallbacks()
     log = callbacks.on_log or (lambda message: None)
-    dataset = DreamBoothDataset(config, on_progress=log)  # bad data fails before the model is touched
+    dataset = DreamBoothDataset(config, on_progress=log)
     for skipped in dataset.skipped:
         log(f"skipped {os.path.basename(skipped.path)}: {skipped.reason}")
+    source = resume.read_lora(config.resume_from.strip()) if config.resume_from.strip() else None
     backend = make_backend(model)
     os.makedirs(run_dir, exist_ok=True)
     run = _RunFiles(run_dir, config)
 
     snapshot = ModelSnapshot.take(model)
     adapters: Optional[Adapters] = None
+    pivot: Optional[Pivot] = None
     try:
         model.requires_grad_(False)  # only adapter weights get gradients
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # adapter initialisation is reproducible
             adapters = inject(model, find_targets(model, config.network, config.train_text_encoder), config)
-        loop = _Loop(backend, adapters, dataset, config, callbacks, run)
+        if config.pivotal:
+            pivot = install_pivot(model, config.trigger, config.class_prompt)
+            log(f"pivotal tuning: '{pivot.trigger}' gets {pivot.vector_count} trainable vector(s), one per token, "
+                f"starting from '{config.class_prompt.strip() or pivot.trigger}'")
+        if source is not None:
+            resume.load_lora(source, adapters, pivot, config, backend.sd_version)
+            log(f"resuming {source.path} after its {source.steps} steps")
+        loop = _Loop(backend, adapters, pivot, dataset, config, callbacks, run, source)
         steps_done, cancelled = loop.run()
         result = TrainResult(None, None, None, steps_done, cancelled, loop.losses, run.previews, run_dir,
-                             dataset.skipped)
+                             dataset.skipped, loop.start)
         if steps_done > 0:
-            _report(callbacks, Progress(steps_done, config.steps, loop.last_loss, 0.0, 0.0, 0.0, "saving"))
+            step = loop.start + steps_done
+            _report(callbacks, Progress(step, loop.total, loop.last_loss, 0.0, 0.0, 0.0, "saving"))
             os.makedirs(lora_dir, exist_ok=True)
-            saved = _save(adapters, config, lora_dir, backend, dataset, steps_done, run.last_preview)
+            saved = _save(adapters, pivot, config, lora_dir, backend, dataset, step, loop.total,
+                          run.last_preview)
+            loop.save_state(saved.path, step)
             result.path, result.sidecar_path, result.name = saved.path, saved.sidecar_path, saved.name
-            log(f"saved {saved.path} after {steps_done} steps")
+            log(f"saved {saved.path} after {step} steps")
         else:
             log("stopped before the first step: nothing to save")
         return result
     except Exception as error:
         raise TrainingError(f"training failed: {error}") from error
     finally:
+        if pivot is not None:
+            pivot.remove()
         if adapters is not None:
             adapters.remove()
         snapshot.restore_flags(model)
@@ -125,14 +147,18 @@ def train_lora(model, config: TrainConfig, lora_dir: str, run_dir: str,
             raise TrainingError("the model was not restored exactly: " + "; ".join(differences[:5]))
 
 
-def _save(adapters: Adapters, config: TrainConfig, folder: str, backend: Backend,
-          dataset: DreamBoothDataset, steps_done: int, cover: Optional[Image.Image],
+def _save(adapters: Adapters, pivot: Optional[Pivot], config: TrainConfig, folder: str, backend: Backend,
+          dataset: DreamBoothDataset, step: int, total: int, cover: Optional[Image.Image],
           name: Optional[str] = None) -> export.ExportResult:
+    """The LoRA after ``step`` of ``total`` steps, resumed ones included (the file describes
+    the whole training: ``ss_steps``, ``ss_max_train_steps``)."""
+    changes: dict = {"steps": total}
     if name is not None:
-        config = dataclasses.replace(config, name=name, overwrite=True)
-    return export.save_lora(adapters, config, folder, sd_version=backend.sd_version,
-                            steps_done=steps_done, num_train_images=dataset.num_instance_images,
-                            tag_frequency=dataset.tag_frequency, cover_image=cover)
+        changes.update(name=name, overwrite=True)
+    return export.save_lora(adapters, dataclasses.replace(config, **changes), folder,
+                            sd_version=backend.sd_version, steps_done=step,
+                            num_train_images=dataset.num_instance_images, tag_frequency=dataset.tag_frequency,
+                            cover_image=cover, embedding=pivot.tensors() if pivot is not None else None)
 
 
 def _report(callbacks: TrainCallbacks, progress: Progress) -> None:
@@ -189,29 +215,44 @@ def _write_json(path: str, data: dict) -> None:
 
 
 class _Loop:
-    """Optimizer, schedules and the step loop for one run."""
+    """Optimizer, schedules and the step loop for one run.
 
-    def __init__(self, backend: Backend, adapters: Adapters, dataset: DreamBoothDataset,
-                 config: TrainConfig, callbacks: TrainCallbacks, run: _RunFiles):
-        self.backend, self.adapters, self.dataset = backend, adapters, dataset
+    Steps are counted from ``start`` (the resumed file's steps, else 0) to ``total``; the LR
+    schedule runs over all of them, so a resumed run continues where the file's run was."""
+
+    def __init__(self, backend: Backend, adapters: Adapters, pivot: Optional[Pivot], dataset: DreamBoothDataset,
+                 config: TrainConfig, callbacks: TrainCallbacks, run: _RunFiles,
+                 source: Optional[resume.ResumeSource] = None):
+        self.backend, self.adapters, self.pivot, self.dataset = backend, adapters, pivot, dataset
         self.config, self.callbacks, self.run_files = config, callbacks, run
         self.log = callbacks.on_log or (lambda message: None)
+        self.start = source.steps if source is not None else 0
+        self.total = self.start + config.steps
         self.generator = torch.Generator().manual_seed(config.seed)
         self.noise_scheduler = backend.training_scheduler()
         self.losses: list[float] = []
         self.last_loss = float("nan")
         self.autocast_dtype = _autocast_dtype(config.precision, backend)
         self.optimizer = self._make_optimizer()
-        self.lr_scheduler = get_scheduler(config.lr_schedule, self.optimizer,
-                                          num_warmup_steps=config.lr_warmup_steps,
-                                          num_training_steps=config.steps)
         use_scaler = self.autocast_dtype == torch.float16 and backend.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.names = resume.trainable_names(adapters, pivot)
+        if source is not None:
+            self._load_state(source)
+        for group in self.optimizer.param_groups:  # what a scheduler starting past step 0 needs
+            group["initial_lr"] = group["lr"]
+        self.lr_scheduler = get_scheduler(config.lr_schedule, self.optimizer,
+                                          num_warmup_steps=config.lr_warmup_steps,
+                                          num_training_steps=self.total, last_epoch=self.start - 1)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         groups = [{"params": self.adapters.parameters_for("unet"), "lr": self.config.learning_rate}]
         if self.config.train_text_encoder:
             groups.append({"params": self.adapters.parameters_for("te"), "lr": self.config.text_encoder_lr})
+        if self.pivot is not None:
+            # No weight decay: it would pull the vectors towards zero, off the scale of the
+            # token embeddings the text encoder was trained on.
+            groups.append({"params": self.pivot.parameters(), "lr": self.config.embedding_lr, "weight_decay": 0.0})
         if self.config.optimizer == "adamw8bit":
             bnb = _bitsandbytes_on_cuda(self.backend.device)
             if bnb is not None:
@@ -219,19 +260,51 @@ class _Loop:
             self.log("8-bit AdamW needs bitsandbytes and a CUDA GPU: using AdamW instead")
         return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
 
+    # --- the optimizer state, for resuming ----------------------------------------------
+
+    def _load_state(self, source: resume.ResumeSource) -> None:
+        """The optimizer state of the run that wrote ``source``: ``resume_optimizer`` (an error
+        if it does not fit), else ``optimizer.safetensors`` beside the file when it is that
+        file's (otherwise the optimizer starts afresh and says so)."""
+        given = self.config.resume_optimizer.strip()
+        path = given or os.path.join(os.path.dirname(os.path.abspath(source.path)), resume.OPTIMIZER_FILE)
+        if not given and not os.path.isfile(path):
+            self.log("no optimizer state beside the resumed file: the optimizer starts afresh")
+            return
+        try:
+            step = resume.load_state(path, self.optimizer, self.names, source.hash, self.scaler)
+        except resume.ResumeError as error:
+            if given:
+                raise
+            self.log(f"{error}: the optimizer starts afresh")
+            return
+        self.log(f"optimizer state of step {step} loaded from {path}")
+
+    def save_state(self, lora_path: str, step: int) -> None:
+        """``optimizer.safetensors`` in the run folder, tied to the LoRA just written there or
+        in the Lora folder (``save_optimizer``). The LoRA is the product: a state that cannot
+        be written (disk full) is reported, not fatal."""
+        if not self.config.save_optimizer:
+            return
+        try:
+            resume.save_state(os.path.join(self.run_files.run_dir, resume.OPTIMIZER_FILE), self.optimizer,
+                              self.names, step, export.addnet_hash(lora_path), self.scaler)
+        except OSError as error:
+            self.log(f"optimizer state not saved ({error}): a resume of this file starts a fresh optimizer")
+
     # --- conditioning --------------------------------------------------------------------
 
     def _conditioning(self, batch: MicroBatch, cache: Optional[dict[str, Conditioning]]) -> Conditioning:
-        """The prompts' conditioning (cached per prompt while the text encoders are frozen)
-        completed with the batch's image sizes and crops (SDXL)."""
-        if cache is None:  # text encoder trains: encode with gradients every time
+        """The prompts' conditioning (cached per prompt while the text encoders and the
+        trigger's embedding are frozen) completed with the batch's image sizes and crops (SDXL)."""
+        if cache is None:  # text encoder or embedding trains: encode with gradients every time
             cond = self.backend.encode_prompts(batch.prompts)
         else:
             cond = cat_conditioning([cache[p] for p in batch.prompts])
         return self.backend.conditioning(cond, batch)
 
     def _prompt_cache(self) -> Optional[dict[str, Conditioning]]:
-        if self.config.train_text_encoder:
+        if self.config.train_text_encoder or self.pivot is not None:
             return None
         with torch.no_grad(), self._autocast():
             return {p: detach_conditioning(self.backend.encode_prompts([p])) for p in self.dataset.prompts()}
@@ -243,20 +316,24 @@ class _Loop:
 
     # --- one micro-batch -----------------------------------------------------------------
 
-    def _latents(self, batch: MicroBatch) -> torch.Tensor:
-        moments = batch.moments if batch.moments is not None else self.backend.encode_moments(batch.pixels)
-        return self.backend.latents_from_moments(moments, self.generator).float()
+    def _moments(self, batch: MicroBatch) -> torch.Tensor:
+        return batch.moments if batch.moments is not None else self.backend.encode_moments(batch.pixels)
+
+    def _noise(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diffusion noise (with the offset) and timesteps for latents of ``shape``: what a
+        micro-batch draws from the generator after its latents' own sampling noise."""
+        n = shape[0]
+        noise = torch.randn(shape, generator=self.generator)
+        if self.config.noise_offset:
+            noise += self.config.noise_offset * torch.randn((n, shape[1], 1, 1), generator=self.generator)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=self.generator)
+        return noise, timesteps
 
     def _loss(self, batch: MicroBatch, cond_cache: Optional[dict[str, Conditioning]]) -> torch.Tensor:
         device = self.backend.device
-        latents = self._latents(batch)
-        n = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=self.generator)
-        if self.config.noise_offset:
-            noise += self.config.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=self.generator)
-        noise = noise.to(device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,),
-                                  generator=self.generator).to(device)
+        latents = self.backend.latents_from_moments(self._moments(batch), self.generator).float()
+        noise, timesteps = self._noise(latents.shape)
+        noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.backend.parameterization == "eps" else \
             self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -276,27 +353,42 @@ class _Loop:
             self.dataset.cache_latents(self.backend.encode_moments, on_progress=self._caching_progress)
         cond_cache = self._prompt_cache()
         batches = self.dataset.micro_batches(config.batch_size, self.generator)
+        self._replay(batches, self.start)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         samples_per_step = config.batch_size * config.gradient_accumulation
         started = time.perf_counter()
-        step = 0
+        step = self.start
         with self.backend.gradient_checkpointing(config.gradient_checkpointing):
             try:
-                for step in range(1, config.steps + 1):
+                for step in range(self.start + 1, self.total + 1):
                     lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step uses
                     loss = self._step(batches, cond_cache, params)
                     self.losses.append(loss)
                     self.last_loss = loss
                     self.run_files.add_loss(step, loss, lr)
                     elapsed = time.perf_counter() - started
-                    rate = step * samples_per_step / elapsed if elapsed > 0 else 0.0
-                    eta = (config.steps - step) * elapsed / step
-                    _report(self.callbacks, Progress(step, config.steps, loss, lr, rate, eta))
+                    done = step - self.start
+                    rate = done * samples_per_step / elapsed if elapsed > 0 else 0.0
+                    eta = (self.total - step) * elapsed / done
+                    _report(self.callbacks, Progress(step, self.total, loss, lr, rate, eta))
                     self._after_step(step)
             except _Stopped:
-                self.log(f"stopped after {step - 1} of {config.steps} steps")
-                return step - 1, True
+                self.log(f"stopped after {step - 1} of {self.total} steps")
+                return step - 1 - self.start, True
         return config.steps, False
+
+    def _replay(self, batches: Iterator[MicroBatch], steps: int) -> None:
+        """Bring the generator and the data stream to where they were after ``steps`` steps
+        of the run being resumed, by drawing what each of its micro-batches drew (order,
+        flips and augmentation in ``next``, then the latents' sampling noise as
+        ``Backend.latents_from_moments`` draws it, then ``_noise``), with no model work but
+        VAE encodes of augmented images. With the same seed, data and batch settings the
+        resumed run then sees exactly the samples, noise and timesteps of an uninterrupted one."""
+        with torch.no_grad():
+            for _ in range(steps * self.config.gradient_accumulation):
+                mean = torch.chunk(self._moments(next(batches)), 2, dim=1)[0]
+                torch.randn(mean.shape, generator=self.generator)
+                self._noise(mean.shape)
 
     def _step(self, batches: Iterator[MicroBatch], cond_cache, params: list[torch.nn.Parameter]) -> float:
         accumulation = self.config.gradient_accumulation
@@ -323,14 +415,15 @@ class _Loop:
 
     def _after_step(self, step: int) -> None:
         config = self.config
-        if config.preview_every and (step % config.preview_every == 0 or step == config.steps):
+        if config.preview_every and (step % config.preview_every == 0 or step == self.total):
             image = self._render_preview(step)
             path = self.run_files.add_preview(step, image)
             if self.callbacks.on_preview:
                 self.callbacks.on_preview(step, image, path)
-        if config.save_every and step % config.save_every == 0 and step < config.steps:
-            saved = _save(self.adapters, config, self.run_files.run_dir, self.backend, self.dataset,
-                          step, self.run_files.last_preview, name=f"{config.output_name}-step{step:05d}")
+        if config.save_every and step % config.save_every == 0 and step < self.total:
+            saved = _save(self.adapters, self.pivot, config, self.run_files.run_dir, self.backend, self.dataset,
+                          step, self.total, self.run_files.last_preview, name=f"{config.output_name}-step{step:05d}")
+            self.save_state(saved.path, step)
             self.log(f"saved intermediate {saved.path}")
 
     def _render_preview(self, step: int) -> Image.Image:
@@ -344,7 +437,7 @@ class _Loop:
                                   width=config.resolution, height=config.resolution)
 
     def _caching_progress(self, done: int, total: int) -> None:
-        _report(self.callbacks, Progress(0, self.config.steps, float("nan"), 0.0, 0.0, 0.0, "caching"))
+        _report(self.callbacks, Progress(self.start, self.total, float("nan"), 0.0, 0.0, 0.0, "caching"))
 
 
 def _autocast_dtype(precision: str, backend: Backend) -> Optional[torch.dtype]:
