@@ -104,8 +104,10 @@ def test_start_trains_in_place_and_writes_lora_json_and_card(a1111, tab, tiny_sd
     params_txt = os.path.join(a1111.data_path, "params.txt")
     with open(params_txt, "w", encoding="utf8") as f:
         f.write("the user's last txt2img")
+    user_cache = (("user's prompt",), "user's conditioning")
+    a1111.processing.StableDiffusionProcessing.cached_c[:] = user_cache
 
-    out = start(tab, preview_prompt="sks <lora:other:0.7>, portrait")
+    out = start(tab, preview_prompt="sks <lora:other:0.7>, portrait", train_text_encoder=True)
 
     assert "class='error'" not in out["lora_train_error"]
     lora_dir = a1111.lora_dir
@@ -121,6 +123,9 @@ def test_start_trains_in_place_and_writes_lora_json_and_card(a1111, tab, tiny_sd
         == [("DPM++ 2M", 2, 5.0, True, True)] * 2
     assert requests[0].prompt == "sks, portrait" and a1111.processing.activated_networks == []
     assert open(params_txt, encoding="utf8").read() == "the user's last txt2img"  # A1111's file kept
+    # previews neither reuse nor replace A1111's shared conditioning cache
+    assert a1111.processing.StableDiffusionProcessing.cached_c == list(user_cache)
+    assert all(p.cached_c is not a1111.processing.StableDiffusionProcessing.cached_c for p in requests)
     # the user's model: A1111's LoRA undone through its own restore path, then untouched
     assert state_hash(model) == base_hash
     assert layer.network_current_names == () and a1111.networks.loaded_networks == []

@@ -45,6 +45,7 @@ class ProgressBridge:
 
     def update(self, progress: Progress) -> None:
         self.last = progress
+        self.total = progress.total  # a resumed run counts on from the file's steps
         self.text = describe(progress)
         self._write(progress.step)
 

@@ -50,6 +50,10 @@ def _process(prompt: str, negative_prompt: str, *, seed: int, steps: int, cfg_sc
         negative_prompt=strip_extra_networks(negative_prompt), seed=seed, steps=steps,
         cfg_scale=cfg_scale, width=width, height=height, sampler_name=SAMPLER, batch_size=1,
         n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+    # Conditionings of our own: A1111 shares a class-level cache that ignores text-encoder
+    # weights, so a preview would reuse a stale one while the text encoder (or a pivotal
+    # embedding) trains, and one computed with our adapters could later serve the user.
+    p.cached_c, p.cached_uc = [None, None], [None, None]
     with _users_params_txt_kept():
         images = processing.process_images(p).images
     return images[0] if images else None

@@ -1,8 +1,10 @@
 """Stand-in for modules/processing.py: a txt2img request object and ``process_images``.
 
-What it keeps of A1111 1.10.1: the dataclass fields the host passes (unknown keyword → TypeError),
-``job_count == -1`` → ``n_iter``, Interrupt checked before each batch (an interrupted call
-returns no images), ``params.txt`` in the data folder overwritten by the first batch, ``sampling_step(s)`` and ``state.nextjob()`` per batch, seed -1 →
+What it keeps of A1111 1.10.1: the dataclass fields the host passes (unknown keyword →
+TypeError), ``job_count == -1`` → ``n_iter``, Interrupt checked before each batch (an
+interrupted call returns no images), ``params.txt`` in the data folder overwritten by the
+first batch, the class-level conditioning cache (reused while prompt, steps, checkpoint,
+networks and size match), ``sampling_step(s)`` and ``state.nextjob()`` per batch, seed -1 →
 random, and ``<name:args>`` extra-network tags parsed out of the prompt and handed to the
 registered extra networks before sampling (``<lora:name:w>`` really merges the LoRA, see
 networks.py; every LoRA named is also recorded in ``activated_networks``).
@@ -44,6 +46,28 @@ class StableDiffusionProcessing:
     override_settings: dict = field(default_factory=dict)
     disable_extra_networks: bool = False
 
+    # A1111 keeps the last conditionings at class level ("persistent cond cache", on by
+    # default) and every new request shares those two lists unless given its own.
+    cached_uc = [None, None]
+    cached_c = [None, None]
+
+    def __post_init__(self):
+        self.cached_uc = StableDiffusionProcessing.cached_uc
+        self.cached_c = StableDiffusionProcessing.cached_c
+
+    def get_conds_with_caching(self, function, required_prompts, steps, caches, extra_network_data):
+        """A1111's rule: reuse a cache entry whose parameters match (prompts, steps, checkpoint,
+        extra networks, size — not the text encoder's weights), else compute and store."""
+        cached_params = (tuple(required_prompts), steps, shared.sd_model.sd_checkpoint_info,
+                         repr(extra_network_data), self.width, self.height)
+        for cache in caches:
+            if cache[0] is not None and cached_params == cache[0]:
+                return cache[1]
+        cache = caches[0]
+        cache[1] = function(required_prompts)
+        cache[0] = cached_params
+        return cache[1]
+
 
 @dataclass(repr=False)
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
@@ -61,7 +85,7 @@ class Processed:
 
 def process_images(p: StableDiffusionProcessing) -> Processed:
     from lora_dreambooth.model import make_backend
-    from lora_dreambooth.preview import render_preview
+    from lora_dreambooth.preview import sample
 
     state = shared.state
     seed = random.randrange(2 ** 32) if p.seed in (None, -1) else int(p.seed)
@@ -79,10 +103,14 @@ def process_images(p: StableDiffusionProcessing) -> Processed:
             with open(os.path.join(paths_internal.data_path, "params.txt"), "w", encoding="utf8") as file:
                 file.write(f"{prompt}\nNegative prompt: {p.negative_prompt}\nSteps: {p.steps}, Seed: {seed}")
         state.sampling_steps = p.steps
+        backend = make_backend(shared.sd_model)
+        uc = p.get_conds_with_caching(backend.encode_negative_prompts, [p.negative_prompt], p.steps,
+                                      [p.cached_uc], extra_network_data)
+        c = p.get_conds_with_caching(backend.encode_prompts, [prompt], p.steps, [p.cached_c],
+                                     extra_network_data)
         for i in range(p.batch_size):
-            images.append(render_preview(make_backend(shared.sd_model), prompt, p.negative_prompt,
-                                         seed=seed + n * p.batch_size + i, steps=p.steps,
-                                         cfg_scale=p.cfg_scale, width=p.width, height=p.height))
+            images.append(sample(backend, c, uc, seed=seed + n * p.batch_size + i, steps=p.steps,
+                                 cfg_scale=p.cfg_scale, width=p.width, height=p.height))
         state.sampling_step = p.steps
         state.nextjob()
     if not p.disable_extra_networks and extra_network_data:
