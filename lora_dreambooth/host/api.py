@@ -1,13 +1,17 @@
-"""/lora-train/v1/{train,status,cancel,token,grid}: the same job and tools as the tab,
+"""/lora-train/v1/{train,status,cancel,token,grid,promote}: the same job and tools as the tab,
 protected by --api-auth.
 
 ``POST /train`` takes TrainConfig's field names, plus ``instance_images`` (base64 images, or
 ``{"name", "data"}`` objects) instead of ``instance_dir``. Everything is checked before anything
 is written or started: 422 lists every problem, 409 means a run is active, 202 gives the job id.
+``resume_from`` is a LoRA's name in the Lora folder or a path in it or under the output root;
+without ``resume_optimizer`` the state its run left is found (``job.prepare_resume``).
 
 ``GET /token?text=…`` is the trigger check (503 without a loaded model). ``POST /grid`` renders a
 contamination grid under A1111's queue lock and answers when it is done (409 while training, or
 when the user pressed Interrupt meanwhile).
+
+``POST /promote`` copies an intermediate save of a run into the Lora folder (409 while training).
 """
 from __future__ import annotations
 
@@ -27,12 +31,13 @@ from modules import call_queue, shared
 from ..config import ConfigError, TrainConfig
 from ..grid import GridRequest
 from . import a1111, contamination, files, paths, token_check
-from .job import JobStatus, RunRequest, TrainingJob, request_problems
+from .job import JobStatus, RunRequest, TrainingJob, prepare_resume, request_problems
 
 PREFIX = "/lora-train/v1"
 IMAGES_FIELD = "instance_images"
 GRID_FIELDS = ("lora", "trigger", "class_word", "prompts", "seed", "weights", "negative_prompt", "steps",
                "cfg_scale", "resolution")
+PROMOTE_FIELDS = ("file", "name", "overwrite")
 
 
 def parse_credentials(api_auth: Optional[str]) -> dict[str, str]:
@@ -90,6 +95,7 @@ def _prepare(payload: dict) -> tuple[Optional[TrainConfig], Optional[str], list[
         problems += error.problems
     if config is not None:
         config.instance_dir = staging or config.instance_dir
+        problems += prepare_resume(config)
         problems += request_problems(config, check_instance=images is None)
     if problems and staging:
         shutil.rmtree(staging, ignore_errors=True)
@@ -110,6 +116,19 @@ def grid_request(payload: dict) -> tuple[Optional[GridRequest], list[str]]:
     request = GridRequest(**values)
     problems = contamination.request_problems(request)
     return (None, problems) if problems else (request, [])
+
+
+def promote_problems(payload: dict) -> list[str]:
+    """Type problems of a promote request (``file`` a string, ``name`` a string, ``overwrite``
+    a boolean); what the file and the name may be is the job's to say."""
+    problems = [f"unknown field '{k}'" for k in payload if k not in PROMOTE_FIELDS]
+    if not isinstance(payload.get("file"), str) or not payload["file"].strip():
+        problems.append("file must be an intermediate save's file name in the last run folder, or its path")
+    if not isinstance(payload.get("name") or "", str):
+        problems.append("name must be a string")
+    if not isinstance(payload.get("overwrite") or False, bool):
+        problems.append("overwrite must be true or false")
+    return problems
 
 
 def register(app: FastAPI, job: TrainingJob, api_auth: Optional[str] = None) -> None:
@@ -164,8 +183,21 @@ def register(app: FastAPI, job: TrainingJob, api_auth: Optional[str] = None) -> 
             "moved_at": request.strongest,
             "rows": [{"prompt": row.prompt, "moved": row.moved} for row in outcome.grid.rows]})
 
+    def promote(payload: dict = Body(...)) -> JSONResponse:
+        if job.active:
+            return _busy()
+        problems = promote_problems(payload)
+        if problems:
+            return JSONResponse(status_code=422, content={"detail": problems})
+        try:
+            result = job.promote(payload["file"], payload.get("name") or "", bool(payload.get("overwrite")))
+        except ValueError as error:
+            return JSONResponse(status_code=422, content={"detail": [str(error)]})
+        return JSONResponse(content={"output": result.path, "name": result.name})
+
     app.add_api_route(f"{PREFIX}/train", train, methods=["POST"], status_code=202, dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/cancel", cancel, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/token", token, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/grid", grid, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/promote", promote, methods=["POST"], dependencies=dependencies)

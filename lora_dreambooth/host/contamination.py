@@ -36,25 +36,12 @@ class GridOutcome:
     message: str
 
 
-def _lora_files() -> dict[str, str]:
-    """name → path of every ``*.safetensors`` under the Lora folder (subfolders too, as
-    A1111 lists them; the first of two equal names wins)."""
-    found: dict[str, str] = {}
-    for folder, subfolders, names in sorted(os.walk(paths.lora_dir()), key=lambda entry: entry[0]):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        for name in sorted(names):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() == ".safetensors" and not name.startswith("."):
-                found.setdefault(stem, os.path.join(folder, name))
-    return found
-
-
 def available_loras() -> list[str]:
-    return sorted(_lora_files(), key=str.lower)
+    return sorted(paths.lora_files(), key=str.lower)
 
 
 def lora_file(name: str) -> Optional[str]:
-    return _lora_files().get(name)
+    return paths.lora_files().get(name)
 
 
 def activation_text(name: str) -> str:

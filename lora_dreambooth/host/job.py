@@ -5,7 +5,11 @@ never overlaps generation and there is never more than one run.
 A run: check the model → undo A1111's merged LoRAs → hash the model → ``train_lora`` with
 callbacks that feed ``shared.state`` and this job's status → card picture and Lora list
 refresh → hash again (must be equal) → free memory. Cancel, A1111's Interrupt and Stop all end
-training at the next micro-batch and save what was trained."""
+training at the next micro-batch and save what was trained.
+
+Resuming: the tab and the API name the LoRA to continue, and ``prepare_resume`` finds its file
+and the optimizer state its run left; ``TrainingJob.promote`` copies a run's intermediate save
+into the Lora folder (so it can be used, or resumed, like any LoRA)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,14 +18,15 @@ import os
 import shutil
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from PIL import Image
 from modules import call_queue, shared
 
+from .. import export, resume
 from ..config import TrainConfig
-from ..export import atomic_write
+from ..export import ExportResult, atomic_write
 from ..guard import state_hash
 from ..train import Progress, TrainCallbacks, TrainResult, train_lora
 from . import a1111, files, paths, render, settings
@@ -44,7 +49,7 @@ class JobStatus:
     trigger: str = ""
     name: Optional[str] = None       # the LoRA's final name (name, name-1, …)
     output: Optional[str] = None     # the .safetensors written
-    run_dir: Optional[str] = None    # previews, loss.csv, config.json (and contamination grids)
+    run_dir: Optional[str] = None    # previews, loss.csv, config.json, intermediate saves (and grids)
     error: Optional[str] = None
     preview: Optional[Image.Image] = None
     previews: list[str] = field(default_factory=list)
@@ -77,12 +82,67 @@ def request_problems(config: TrainConfig, check_instance: bool = True) -> list[s
     return problems
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
+def _readable_file(value: str, label: str) -> tuple[str, str]:
+    """(absolute path, problem) of a file a request names: only files in the Lora folder or
+    under the output root are read, so the API cannot probe the rest of the disk."""
+    path = os.path.abspath(os.path.expanduser(value))
+    lora, root = paths.lora_dir(), paths.output_root()
+    if not (paths.inside(path, lora) or paths.inside(path, root)):
+        return path, f"{label} must be in the Lora folder ({lora}) or under the run output folder ({root})"
+    if not os.path.isfile(path):
+        return path, f"{label}: no such file: {value}"
+    return path, ""
+
+
+def _resume_file(value: str) -> tuple[str, str]:
+    """(path, problem) of ``resume_from``: a LoRA's name in the Lora folder (as in
+    ``<lora:name:w>``; subfolders are searched like A1111 does), or a path."""
+    if os.path.basename(value) != value:
+        return _readable_file(value, "resume from")
+    name = value[:-len(".safetensors")] if value.lower().endswith(".safetensors") else value
+    path = paths.lora_files().get(name)
+    return (path, "") if path else ("", f"resume from: no LoRA named '{name}' in {paths.lora_dir()}")
+
+
+def prepare_resume(config: TrainConfig) -> list[str]:
+    """Point ``config.resume_from`` at its file and ``resume_optimizer`` at the optimizer state
+    to load: the one given (it must belong to that file), else the one its run left in a run
+    folder (``resume.find_state``), else none (the optimizer starts afresh). Returns the
+    problems; with any, both fields are cleared so the config's own checks do not repeat them."""
+    value = config.resume_from.strip()
+    if not value:
+        return []
+    path, problem = _resume_file(value)
+    state = config.resume_optimizer.strip()
+    if not problem:
+        try:
+            source = resume.read_lora(path)
+        except resume.ResumeError as error:
+            problem = str(error)
+    if not problem and state:
+        state, problem = _readable_file(state, "resume optimizer")
+        if not problem and resume.lora_hash_of_state(state) != source.hash:
+            problem = (f"resume optimizer: {state} is not the optimizer state of {os.path.basename(path)} "
+                       "(leave it out to have the right one found)")
+    elif not problem:
+        state = resume.find_state(path, paths.output_root()) or ""
+    if problem:
+        config.resume_from = config.resume_optimizer = ""
+        return [problem]
+    config.resume_from, config.resume_optimizer = path, state
+    return []
+
+
+def _chain(error: Optional[BaseException]) -> Iterator[BaseException]:
+    """``error`` and what caused it (the engine wraps failures in ``TrainingError``)."""
     while error is not None:
-        if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
-            return True
+        yield error
         error = error.__cause__ or error.__context__
-    return False
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return any(isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+               for e in _chain(error))
 
 
 class _Previews:
@@ -154,6 +214,18 @@ class TrainingJob:
             self._status = JobStatus()
             return True
 
+    def promote(self, file: str, name: str = "", overwrite: bool = False) -> ExportResult:
+        """Copy an intermediate save (a file name in the last run's folder, or a path under the
+        output root) into the Lora folder as ``name`` (empty: its own), then rescan A1111's Lora
+        list so ``<lora:name:w>`` resolves. Raises ValueError saying what is wrong. Callers
+        refuse while a run is active: its folder is still being written."""
+        with self._lock:
+            run_dir = self._status.run_dir
+        path = paths.intermediate_path(file, run_dir)
+        result = export.promote(path, paths.lora_dir(), overwrite=overwrite, name=(name or "").strip())
+        a1111.refresh_lora_list()
+        return result
+
     def _log(self, message: str) -> None:
         print(f"[lora-train] {message}")
         with self._lock:
@@ -220,10 +292,13 @@ class TrainingJob:
             on_preview=lambda step, image, path: self._on_preview(step, image, path, previews, bridge),
             should_stop=self._should_stop,
             on_log=self._log)
+        run_dir = paths.new_run_dir(config.output_name)
+        with self._lock:  # known from the start: a failed run's intermediate saves can be promoted
+            self._status.run_dir = run_dir
         try:
-            result = train_lora(model, config, paths.lora_dir(), paths.new_run_dir(config.output_name), callbacks)
+            result = train_lora(model, config, paths.lora_dir(), run_dir, callbacks)
         except Exception as error:
-            self._on_failure(error)
+            self._on_failure(error, run_dir)
         else:
             self._on_result(result, previews.last)
         finally:
@@ -265,18 +340,26 @@ class TrainingJob:
                 self._log(f"Lora list refreshed: <lora:{result.name}:1> is ready")
         with self._lock:
             self._status.name, self._status.output, self._status.run_dir = result.name, result.path, result.run_dir
+        steps = f"{result.steps_done} steps"
+        if result.resumed_steps:
+            steps += f" ({result.resumed_steps + result.steps_done} in all, resumed from {result.resumed_steps})"
         if result.cancelled:
             done = f"saved {result.path}" if result.path else "nothing saved"
-            self._finish(CANCELLED, text=f"Cancelled after {result.steps_done} steps: {done}")
+            self._finish(CANCELLED, text=f"Cancelled after {steps}: {done}")
         else:
-            self._finish(DONE, text=f"Finished {result.steps_done} steps: saved {result.path}")
+            self._finish(DONE, text=f"Finished {steps}: saved {result.path}")
 
-    def _on_failure(self, error: Exception) -> None:
+    def _on_failure(self, error: Exception, run_dir: str) -> None:
         if _is_out_of_memory(error):
             message = ("Out of GPU memory: lower the batch size or resolution, or turn on gradient "
                        "checkpointing (Advanced). The model was restored and nothing was saved.")
         else:
             message = f"{error} (the model was restored and nothing was saved)"
+        if any(isinstance(e, resume.ResumeError) for e in _chain(error)):
+            # Refused before step 1: the run folder holds only config.json and an empty loss.csv.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with self._lock:
+                self._status.run_dir = None
         self._finish(FAILED, error=message)
 
     def _finish(self, state: str, *, error: Optional[str] = None, text: Optional[str] = None) -> None:

@@ -1,14 +1,15 @@
 """The "LoRA Train" tab (gradio 3.41, A1111's components and element-id conventions).
 
 Left: dataset, class images, prompts (with the trigger check and "Show prior"), hyperparameters
-(every TrainConfig field has a control ``#lora_train_<field>``). Right: Start / Cancel / Reset,
-A1111's progress bar and live preview, the preview gallery, the loss curve, the log, "Send to
-txt2img" and the contamination grid (ui_tools).
+(every TrainConfig field has a control ``#lora_train_<field>``; the resume fields are the
+Resume group's). Right: Start / Cancel / Reset, A1111's progress bar and live preview, the
+preview gallery, the loss curve, the log, "Send to txt2img", the last run's intermediate saves
+and the contamination grid (ui_tools).
 
 Start, "Generate class images", "Show prior" and "Render grid" go through
 ``wrap_gradio_gpu_call`` with the page's ``task(<id>)`` (javascript/lora_train.js), like A1111's
-own textual-inversion training; Cancel, refresh, the upload buttons and the trigger check do
-not touch the GPU and skip the queue."""
+own textual-inversion training; Cancel, refresh, the upload buttons, the trigger check and
+"Promote" do not touch the GPU and skip the queue."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,8 @@ from ..config import (LR_SCHEDULES, NETWORK_TYPES, OPTIMIZERS, PRECISIONS,
 from ..export import SAVE_DTYPES
 from ..families import FAMILY_FIELDS
 from . import a1111, class_images, files, paths, settings
-from .job import JobStatus, RunRequest, TrainingJob, request_problems
-from .ui_tools import GridSection, TriggerCheck
+from .job import FAILED, JobStatus, RunRequest, TrainingJob, prepare_resume, request_problems
+from .ui_tools import NO_RESUME, GridSection, IntermediatesSection, ResumeSection, TriggerCheck
 
 PROMPT_FIELDS = ("trigger", "class_prompt", "preview_prompt", "preview_negative_prompt", "name", "overwrite")
 MAIN_FIELDS = ("steps", "learning_rate", "batch_size", "gradient_accumulation", "rank", "alpha",
@@ -37,6 +38,8 @@ ADVANCED_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig)
                         if f.name not in PROMPT_FIELDS + MAIN_FIELDS + _NOT_IN_FORM)
 #: Order of the Start button's inputs after the task id.
 FORM_FIELDS = PROMPT_FIELDS + MAIN_FIELDS + ADVANCED_FIELDS
+#: Advanced fields whose controls are the Resume group's (ui_tools.ResumeSection), not text boxes.
+RESUME_FIELDS = ("resume_from", "resume_optimizer")
 PRESET_FIELDS = tuple(dict.fromkeys(k for values in PRESETS.values() for k in values))
 
 _CHOICES = {"network": NETWORK_TYPES, "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS,
@@ -64,6 +67,8 @@ _LABELS = {
     "conv_rank": "Convolution rank (LoCon/LoHa/LoKr)",
     "conv_alpha": "Convolution alpha",
     "text_encoder_lr": "Text encoder learning rate",
+    "pivotal": "Pivotal tuning (train an embedding for the trigger, bundled in the LoRA)",
+    "embedding_lr": "Embedding learning rate",
     "buckets": "Aspect-ratio buckets",
     "augment": "Augment (flip, small rotation, scale crops)",
     "flip": "Horizontal flip",
@@ -73,6 +78,7 @@ _LABELS = {
     "preview_cfg": "Preview CFG scale",
     "save_every": "Save every N steps (0 = only the final file)",
     "save_dtype": "Save precision",
+    "save_optimizer": "Save optimizer state (for exact resume)",
     "comment": "Comment (stored in the file's metadata)",
 }
 _PLACEHOLDERS = {"preview_prompt": "(empty: the trigger word)", "name": "(empty: the trigger word)"}
@@ -101,6 +107,13 @@ def _field_component(name: str, value: Any) -> gr.components.Component:
 def _error_html(problems: list[str]) -> str:
     items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
     return f"<div class='error'><p>Nothing was started:</p><ul>{items}</ul></div>"
+
+
+def _failure_html(status: JobStatus) -> str:
+    """A failed run's reason for the error area (a refused resume says what to change)."""
+    if status.state != FAILED or not status.error:
+        return ""
+    return f"<div class='error'><p>Training failed:</p><p>{html.escape(status.error)}</p></div>"
 
 
 def _dataset_html(folder: str, report: Optional[files.UploadReport] = None) -> str:
@@ -210,18 +223,24 @@ class _Handlers:
 
     def start(self, id_task: str, *values) -> tuple:
         ws = paths.workspace()
+        form = dict(zip(FORM_FIELDS, values))
+        # The Resume group gives a LoRA's name; its optimizer state is looked up again now
+        # (prepare_resume), as a run since the choice may have replaced the one shown.
+        form["resume_from"] = "" if form["resume_from"] in (None, NO_RESUME) else form["resume_from"]
+        form["resume_optimizer"] = ""
         try:
-            config = TrainConfig.from_dict({**dict(zip(FORM_FIELDS, values)),
-                                            "instance_dir": ws.instance_dir, "class_dir": ws.class_dir})
+            config = TrainConfig.from_dict({**form, "instance_dir": ws.instance_dir,
+                                            "class_dir": ws.class_dir})
         except ConfigError as error:
             return self._refused(error.problems)
-        problems = request_problems(config)
+        problems = prepare_resume(config) + request_problems(config)
         if problems:
             return self._refused(problems)
         if not self.job.claim(id_task, config):
             return self._refused(["A training run is already active (started through the API): "
                                   "wait for it or cancel it."])
-        return (*self._view(self.job.run(RunRequest(config, workspace=ws))), "")
+        status = self.job.run(RunRequest(config, workspace=ws))
+        return (*self._view(status), _failure_html(status))
 
     def _refused(self, problems: list[str]) -> tuple:
         return (*[gr.update()] * len(self._view(JobStatus())), _error_html(problems))
@@ -253,6 +272,7 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
     """on_ui_tabs callback body: the tab for A1111's tab bar."""
     handlers = _Handlers(job)
     trigger_check, grid = TriggerCheck(job), GridSection(job)
+    resume, intermediates = ResumeSection(), IntermediatesSection(job)
     preset_name = settings.get(settings.DEFAULT_PRESET)
     preset_name = preset_name if preset_name in PRESETS else next(iter(PRESETS))
     family, family_defaults = a1111.loaded_family()
@@ -307,7 +327,9 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
                                              elem_id="lora_train_arithmetic")
                         add(MAIN_FIELDS)
                         with gr.Accordion("Advanced", open=False, elem_id="lora_train_advanced"):
-                            add(ADVANCED_FIELDS)
+                            add(tuple(f for f in ADVANCED_FIELDS if f not in RESUME_FIELDS))
+                            resume.build()
+                            fields["resume_from"], fields["resume_optimizer"] = resume.lora, resume.state
             with gr.Column():
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
@@ -324,6 +346,7 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
                     lora_prompt = gr.Textbox(label="Prompt for txt2img", interactive=False,
                                              elem_id="lora_train_lora_prompt")
                     send = gr.Button("Send to txt2img", elem_id="lora_train_send")
+                intermediates.build()
                 grid.build(defaults.trigger, defaults.class_prompt)
                 log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="lora_train_log")
                 error = gr.HTML(elem_id="lora_train_error")
@@ -357,6 +380,8 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
                                       "resolution")]
         trigger_check.wire(fields["trigger"], fields["class_prompt"], render, task_id, error)
         grid.wire([render[0], *render[2:]], task_id, error, run, fields["class_prompt"])
+        resume.wire(run)
+        intermediates.wire(fields["overwrite"], error, run, resume, grid)
         cancel.click(handlers.cancel, outputs=[progress], queue=False)
         refresh.click(handlers.refresh, outputs=view, queue=False)
         reset.click(handlers.reset, inputs=arith_inputs,

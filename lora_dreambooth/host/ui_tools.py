@@ -1,6 +1,8 @@
-"""Two tools of the tab, from the lecture's way of working: the trigger check under the trigger
+"""Tools of the tab. Two from the lecture's way of working: the trigger check under the trigger
 box (how the model's tokenizer reads it, rare single tokens to pick, "Show prior") and the
-contamination grid (offered when a run ends, or for any LoRA in the Lora folder).
+contamination grid (offered when a run ends, or for any LoRA in the Lora folder). Two for going
+on from a run: the Resume group (a LoRA of the Lora folder to continue, in Advanced) and the
+last run's intermediate saves, promoted into the Lora folder on demand.
 
 Each is built where it appears (``build``) and wired once every control it reads exists
 (``wire``). Renders go through ``wrap_gradio_gpu_call`` like txt2img; the check itself only
@@ -8,22 +10,26 @@ tokenizes and skips the queue."""
 from __future__ import annotations
 
 import html
+import json
 from typing import Any, Optional
 
 import gradio as gr
 from modules import call_queue, shared
 from modules.ui_components import FormRow, ToolButton
 
+from .. import resume
 from ..grid import DEFAULT_PROMPTS, DEFAULT_WEIGHTS, Grid, GridRequest
-from . import a1111, contamination, token_check
+from . import a1111, contamination, paths, token_check
 from .job import TrainingJob
 
 BUSY = "A training run is active: wait for it or cancel it."
+#: The Resume drop-down's first choice: train a new LoRA.
+NO_RESUME = "none"
 
 
-def _problems_html(problems: list[str]) -> str:
+def _problems_html(problems: list[str], what: str = "rendered") -> str:
     items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
-    return f"<div class='error'><p>Nothing was rendered:</p><ul>{items}</ul></div>"
+    return f"<div class='error'><p>Nothing was {what}:</p><ul>{items}</ul></div>"
 
 
 def _number(value: Any, kind: type) -> Any:
@@ -186,3 +192,146 @@ def rows_html(request: GridRequest, grid: Grid, path: str) -> str:
                    for row in grid.rows)
     return (f"<table><tr><th>prompt</th><th>moved at weight {request.strongest:g}</th></tr>{rows}</table>"
             f"<p>Saved {html.escape(path)}</p>")
+
+
+def _error_line(message: str) -> str:
+    return f"<p class='error'>{html.escape(message)}</p>"
+
+
+def _resume_choices() -> list[str]:
+    return [NO_RESUME, *contamination.available_loras()]
+
+
+def _metadata_number(metadata: dict[str, str], key: str) -> str:
+    try:
+        return f"{float(metadata[key]):g}"
+    except (KeyError, ValueError):
+        return "?"
+
+
+def resume_summary(source: resume.ResumeSource, state: str) -> str:
+    """What the file was trained with (the settings a resume must repeat), its steps and the
+    optimizer state found for it, as one paragraph."""
+    meta = source.metadata
+    network = resume.file_network(meta) or "?"
+    parts = [f"{source.steps} steps", f"network type {network}", f"rank {_metadata_number(meta, 'ss_network_dim')}",
+             f"alpha {_metadata_number(meta, 'ss_network_alpha')}"]
+    if network != "lora":
+        try:
+            args = json.loads(meta.get("ss_network_args") or "{}")
+            parts.append(f"convolution rank {args['conv_dim']}, alpha {float(args['conv_alpha']):g}")
+        except (ValueError, KeyError, TypeError):
+            pass
+    parts.append("text encoder trained" if meta.get("ss_network_train_unet_only") == "False"
+                 else "text encoder not trained")
+    embeddings = sorted({key.split(".")[1] for key in source.tensors if key.startswith("bundle_emb.")})
+    parts.append(f"pivotal tuning of '{', '.join(embeddings)}'" if embeddings else "no pivotal tuning")
+    if meta.get("modelspec.trigger_phrase"):
+        parts.append(f"trigger '{meta['modelspec.trigger_phrase']}'")
+    found = (f"Optimizer state found: {state} (an exact resume)." if state else
+             "No optimizer state found for it: the optimizer starts afresh.")
+    return f"<p>{html.escape('; '.join(parts))}.<br>{html.escape(found)}</p>"
+
+
+class ResumeSection:
+    """The Resume group in Advanced: which LoRA of the Lora folder to continue (the form's
+    ``resume_from``) and the optimizer state found for it in the run folders (the form's
+    ``resume_optimizer``, read-only: Start looks it up again, as a run since may have
+    replaced it)."""
+
+    def build(self) -> None:
+        with gr.Group(elem_id="lora_train_resume"):
+            gr.HTML("<p><b>Resume</b> a LoRA trained here: its steps count on. Set the network type, "
+                    "rank, alpha, convolution rank/alpha, <i>Train the text encoder</i>, pivotal tuning "
+                    "and the trigger as it was trained (shown below) — otherwise Start refuses and says "
+                    "what to change. Learning rates, steps and images may differ.</p>")
+            with FormRow():
+                self.lora = gr.Dropdown(choices=_resume_choices(), value=NO_RESUME,
+                                        label="Resume from (a LoRA in the Lora folder)",
+                                        elem_id="lora_train_resume_from")
+                self.refresh = ToolButton("🔄", elem_id="lora_train_resume_refresh")
+            self.info = gr.HTML(elem_id="lora_train_resume_info")
+            self.state = gr.Textbox("", interactive=False, elem_id="lora_train_resume_optimizer",
+                                    label="Optimizer state (found in the run folders; empty: starts afresh)")
+
+    def wire(self, run_end) -> None:
+        """``run_end``: the Start event, after which the list holds the LoRA just written."""
+        self.refresh.click(self.refreshed, inputs=[self.lora], outputs=[self.lora, self.info, self.state],
+                           queue=False)
+        self.lora.change(self.chosen, inputs=[self.lora], outputs=[self.info, self.state], queue=False)
+        run_end.then(self.refreshed, inputs=[self.lora], outputs=[self.lora, self.info, self.state])
+
+    def refreshed(self, current: Optional[str]) -> tuple:
+        choices = _resume_choices()
+        value = current if current in choices else NO_RESUME
+        return (gr.update(choices=choices, value=value), *self.chosen(value))
+
+    @staticmethod
+    def chosen(name: Optional[str]) -> tuple[str, str]:
+        """The summary line and the optimizer state for the LoRA ``name``."""
+        if not name or name == NO_RESUME:
+            return "", ""
+        path = contamination.lora_file(name)
+        if path is None:
+            return _error_line(f"no LoRA named '{name}' in {paths.lora_dir()} any more (🔄 rescans)"), ""
+        try:
+            source = resume.read_lora(path)
+        except resume.ResumeError as error:
+            return _error_line(str(error)), ""
+        state = resume.find_state(path, paths.output_root()) or ""
+        return resume_summary(source, state), state
+
+
+class IntermediatesSection:
+    """The last run's intermediate saves (*Save every N steps*), each promoted on demand into
+    the Lora folder as a LoRA of its own."""
+
+    def __init__(self, job: TrainingJob):
+        self.job = job
+
+    def build(self) -> None:
+        with gr.Accordion("Intermediate saves", open=False, elem_id="lora_train_intermediates_section"):
+            gr.HTML("<p>With <i>Save every N steps</i> (Advanced) a run keeps "
+                    "<code>&lt;name&gt;-stepNNNNN</code> files in its run folder. Promote one to use it "
+                    "in txt2img, compare it in the grid or resume from it; <i>Overwrite</i> (Prompts) "
+                    "decides what happens to a LoRA of the same name.</p>")
+            with FormRow():
+                self.file = gr.Dropdown(choices=self._files(), value=None, label="Intermediate saves of the last run",
+                                        elem_id="lora_train_intermediates")
+                self.refresh = ToolButton("🔄", elem_id="lora_train_intermediates_refresh")
+            with FormRow():
+                self.name = gr.Textbox("", label="Name in the Lora folder", placeholder="(empty: the file's name)",
+                                       elem_id="lora_train_promote_name")
+                self.button = gr.Button("Promote to Lora folder", elem_id="lora_train_promote")
+            self.output = gr.HTML(elem_id="lora_train_promote_output")
+
+    def wire(self, overwrite: gr.Checkbox, error: gr.HTML, run_end, resume_section: ResumeSection,
+             grid: GridSection) -> None:
+        """``overwrite``: the Prompts tab's checkbox; a promoted LoRA joins the Resume and grid lists."""
+        self.refresh.click(self.refreshed, inputs=[self.file], outputs=[self.file], queue=False)
+        self.button.click(self.promote, inputs=[self.file, self.name, overwrite],
+                          outputs=[self.output, error, resume_section.lora, grid.lora], queue=False)
+        run_end.then(self.refreshed, inputs=[self.file], outputs=[self.file])
+
+    def _files(self) -> list[str]:
+        return paths.intermediates(paths.last_run_dir(self.job.status().run_dir))
+
+    def refreshed(self, current: Optional[str]) -> dict:
+        files = self._files()
+        return gr.update(choices=files, value=current if current in files else None)
+
+    def promote(self, file: Optional[str], name: str, overwrite: bool) -> tuple:
+        unchanged = (gr.update(), gr.update())
+        if self.job.active:
+            return "", _problems_html([BUSY], "promoted"), *unchanged
+        if not file:
+            return "", _problems_html(["Pick an intermediate save first (🔄 lists the last run's)."],
+                                      "promoted"), *unchanged
+        try:
+            result = self.job.promote(file, name or "", bool(overwrite))
+        except ValueError as error:
+            return "", _problems_html([str(error)], "promoted"), *unchanged
+        loras = contamination.available_loras()
+        return (f"<p>Saved {html.escape(result.path)}: prompt with "
+                f"<code>{html.escape(f'<lora:{result.name}:1>')}</code></p>", "",
+                gr.update(choices=[NO_RESUME, *loras]), gr.update(choices=loras))
