@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from a1111_stub.harness import a1111, load_model_as_a1111, load_script, png_bytes  # noqa: F401
+from a1111_stub.harness import (a1111, api_client, load_model_as_a1111, load_script,  # noqa: F401
+                                png_bytes, wait_until_finished)
 
 QUICK = {"trigger": "sks", "steps": 2, "rank": 4, "alpha": 4.0, "resolution": 64, "preview_every": 0,
          "preview_steps": 2, "learning_rate": 1e-3}
@@ -22,24 +23,11 @@ QUICK = {"trigger": "sks", "steps": 2, "rank": 4, "alpha": 4.0, "resolution": 64
 
 @pytest.fixture
 def client(a1111):
-    load_script()
-    app = FastAPI()
-    a1111.script_callbacks.app_started_callback(None, app)
-    return TestClient(app)
+    return api_client(a1111)
 
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def wait_until_finished(client: TestClient, timeout: float = 60) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = client.get("/lora-train/v1/status").json()
-        if status["state"] != "running":
-            return status
-        time.sleep(0.05)
-    raise AssertionError("training did not finish")
 
 
 def tree(folder: str) -> list[str]:

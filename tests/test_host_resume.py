@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import base64
 import os
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from a1111_stub.harness import (Event, a1111, component, field_overrides, load_model_as_a1111,  # noqa: F401
-                                load_script, png_bytes, write_images)
+from a1111_stub.harness import (Event, a1111, api_client, component, field_overrides,  # noqa: F401
+                                load_model_as_a1111, load_script, png_bytes, wait_until_finished,
+                                write_images)
 
 #: Tiny runs: 64 px, rank 4, no previews.
 TINY = dict(trigger="sks", steps=3, batch_size=1, gradient_accumulation=1, rank=4, alpha=4.0, resolution=64,
@@ -174,24 +172,15 @@ API = {key: TINY[key] for key in ("trigger", "rank", "alpha", "resolution", "pre
 
 @pytest.fixture
 def client(a1111, tiny_sd1):
-    load_script()
-    app = FastAPI()
-    a1111.script_callbacks.app_started_callback(None, app)
     load_model_as_a1111(a1111.shared, tiny_sd1)
-    return TestClient(app)
+    return api_client(a1111)
 
 
-def train(client: TestClient, **values) -> dict:
+def train(client, **values) -> dict:
     images = [base64.b64encode(png_bytes((200, 10, 10))).decode("ascii")]
     response = client.post("/lora-train/v1/train", json={**API, "instance_images": images, **values})
     assert response.status_code == 202, response.json()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        status = client.get("/lora-train/v1/status").json()
-        if status["state"] != "running":
-            return status
-        time.sleep(0.05)
-    raise AssertionError("training did not finish")
+    return wait_until_finished(client)
 
 
 def test_api_resumes_by_name_and_promotes(a1111, client):
@@ -252,9 +241,6 @@ def test_api_resumes_by_name_and_promotes(a1111, client):
 
 def test_promote_is_behind_api_auth(a1111):
     a1111.shared.cmd_opts.api_auth = "alice:secret"
-    load_script()
-    app = FastAPI()
-    a1111.script_callbacks.app_started_callback(None, app)
-    client = TestClient(app)
+    client = api_client(a1111)
     assert client.post("/lora-train/v1/promote", json={"file": "x"}).status_code == 401
     assert client.post("/lora-train/v1/promote", json={"file": "x"}, auth=("alice", "secret")).status_code == 422

@@ -11,14 +11,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from a1111_lora import a1111_delta
-from a1111_stub.harness import (QUICK, Event, a1111, field_overrides, load_model_as_a1111,  # noqa: F401
-                                load_script, write_images)
+from a1111_stub.harness import (QUICK, Event, a1111, api_client, field_overrides,  # noqa: F401
+                                load_model_as_a1111, load_script, write_images)
 from lora_dreambooth.grid import HEADER_HEIGHT, LABEL_WIDTH
 from lora_dreambooth.guard import state_hash
 from lora_dreambooth.targets import find_targets
@@ -37,10 +35,7 @@ def tab(a1111):
 
 @pytest.fixture
 def client(a1111):
-    load_script()
-    app = FastAPI()
-    a1111.script_callbacks.app_started_callback(None, app)
-    return TestClient(app)
+    return api_client(a1111)
 
 
 def hand_made_lora(model, path: str, up_scale: float, rank: int = 2) -> None:

@@ -307,7 +307,7 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
                             class_count = gr.Number(value=DEFAULT_CLASS_COUNT, precision=0, label="Class images to generate",
                                                     elem_id="lora_train_class_count")
                             class_generate = gr.Button("Generate class images", elem_id="lora_train_class_generate")
-                        class_output = gr.Text(value="", show_label=False, elem_id="lora_train_class_output")
+                        gr.Text(value="", show_label=False, elem_id="lora_train_class_output")  # JS progress
                         class_info = gr.HTML(_dataset_html(ws.class_dir), elem_id="lora_train_class_info")
                         class_gallery = gr.Gallery(value=files.list_images(ws.class_dir), label="Class images",
                                                    columns=6, height=260, elem_id="lora_train_class_gallery")

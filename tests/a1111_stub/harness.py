@@ -9,6 +9,7 @@ import importlib.util
 import io
 import os
 import sys
+import time
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -146,3 +147,25 @@ def field_overrides(**values: Any) -> dict:
 #: A quick run on the tiny model: 64 px, rank 4, previews every 2 steps with 2 sampler steps.
 QUICK = dict(trigger="sks", steps=4, batch_size=1, gradient_accumulation=1, rank=4, alpha=4.0,
              resolution=64, preview_every=2, preview_steps=2, learning_rate=1e-3, regularization=0.0)
+
+
+def api_client(a1111):
+    """A FastAPI app with our routes registered as A1111 registers them (on_app_started)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    load_script()
+    app = FastAPI()
+    a1111.script_callbacks.app_started_callback(None, app)
+    return TestClient(app)
+
+
+def wait_until_finished(client, timeout: float = 60) -> dict:
+    """Poll /status until the run is no longer "running"; its final status."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get("/lora-train/v1/status").json()
+        if status["state"] != "running":
+            return status
+        time.sleep(0.05)
+    raise AssertionError("training did not finish")
