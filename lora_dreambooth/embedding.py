@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .targets import _is_hf_clip, _is_openclip, _sdxl_text_encoders
+from .targets import is_hf_clip, is_openclip, sdxl_text_encoders
 
 #: text → token ids as that text encoder's tokenizer gives them, without start/end tokens.
 TokenIds = Callable[[str], list[int]]
@@ -145,9 +145,9 @@ def _openclip_ids() -> TokenIds:
 
 def _site_of(embedder: nn.Module) -> tuple[nn.Module, TokenIds]:
     """(token-embedding module, tokenizer) of an HF CLIP or OpenCLIP embedder."""
-    if _is_hf_clip(embedder):
+    if is_hf_clip(embedder):
         return embedder.transformer.text_model.embeddings.token_embedding, _hf_ids(embedder.tokenizer)
-    if _is_openclip(embedder):
+    if is_openclip(embedder):
         return embedder.model.token_embedding, _openclip_ids()
     raise PivotError(f"pivotal tuning does not know the text encoder {type(embedder).__name__}")
 
@@ -158,7 +158,7 @@ def text_encoders(model: nn.Module) -> list[tuple[str, nn.Module, TokenIds]]:
     for SDXL."""
     if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
         return [(key, *_site_of(embedder))
-                for key, (_, _, embedder) in zip(SDXL_KEYS, _sdxl_text_encoders(model))]
+                for key, (_, _, embedder) in zip(SDXL_KEYS, sdxl_text_encoders(model))]
     embedder = model.cond_stage_model
     embedder = getattr(embedder, "wrapped", embedder)
     return [(SINGLE_ENCODER_KEY, *_site_of(embedder))]

@@ -84,7 +84,7 @@ def find_targets(model: nn.Module, network: str = "lora",
     if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
         targets = _compvis_unet_targets(unet, "model.diffusion_model")
         # Named (and checked to be SDXL base's) even when they are not trained.
-        te_targets = [t for prefix, path, embedder in _sdxl_text_encoders(model)
+        te_targets = [t for prefix, path, embedder in sdxl_text_encoders(model)
                       for t in _embedder_targets(embedder, path, prefix, skipped_layers=0)]
     else:
         targets = _unet_targets(unet, "model.diffusion_model")
@@ -240,17 +240,17 @@ def _te_targets(model: nn.Module) -> list[Target]:
     if hasattr(embedder, "wrapped"):
         embedder_path += ".wrapped"
         embedder = embedder.wrapped
-    skipped = int(getattr(embedder, "layer_idx", 1)) if _is_openclip(embedder) else 0
+    skipped = int(getattr(embedder, "layer_idx", 1)) if is_openclip(embedder) else 0
     return _embedder_targets(embedder, embedder_path, "lora_te_", skipped)
 
 
-def _sdxl_text_encoders(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+def sdxl_text_encoders(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     """``(kohya prefix, path, embedder)`` of SDXL's two text encoders: the HF CLIP at
     ``conditioner.embedders.0`` (te1) and the OpenCLIP at ``conditioner.embedders.1`` (te2),
     each under A1111's ``.wrapped`` when A1111 has wrapped it."""
     embedders = getattr(getattr(model, "conditioner", None), "embedders", None)
     found: list[tuple[str, str, nn.Module]] = []
-    for index, (prefix, kind) in enumerate((("lora_te1_", _is_hf_clip), ("lora_te2_", _is_openclip))):
+    for index, (prefix, kind) in enumerate((("lora_te1_", is_hf_clip), ("lora_te2_", is_openclip))):
         path = f"conditioner.embedders.{index}"
         embedder = embedders[index] if embedders is not None and len(embedders) > index else None
         if embedder is not None and hasattr(embedder, "wrapped"):
@@ -264,20 +264,20 @@ def _sdxl_text_encoders(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     return found
 
 
-def _is_hf_clip(embedder: nn.Module) -> bool:
+def is_hf_clip(embedder: nn.Module) -> bool:
     return hasattr(getattr(embedder, "transformer", None), "text_model")
 
 
-def _is_openclip(embedder: nn.Module) -> bool:
+def is_openclip(embedder: nn.Module) -> bool:
     return hasattr(getattr(getattr(embedder, "model", None), "transformer", None), "resblocks")
 
 
 def _embedder_targets(embedder: nn.Module, path: str, prefix: str, skipped_layers: int) -> list[Target]:
     """Targets of one text embedder (HF CLIP or OpenCLIP) at ``path``, named ``prefix`` + the
     HF layer path; ``skipped_layers`` OpenCLIP layers at the end are left out."""
-    if _is_hf_clip(embedder):
+    if is_hf_clip(embedder):
         return _hf_clip_targets(embedder.transformer, path + ".transformer", prefix)
-    if _is_openclip(embedder):
+    if is_openclip(embedder):
         return _openclip_targets(embedder.model.transformer, path + ".model.transformer", prefix,
                                  skipped_layers)
     raise NotImplementedError(

@@ -24,6 +24,8 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .targets import is_openclip
+
 #: The lecture's reference words: rare tokens that make good triggers.
 LECTURE_RARE_TOKENS = ("shs", "sts", "scs", "cpc", "coc", "cic", "msm", "usu", "ici", "lvl", "dii",
                        "muk", "ori", "hru", "rik", "koo", "yos", "wny")
@@ -83,7 +85,7 @@ def model_tokenize(model: nn.Module) -> Optional[Tokenize]:
     tokenizer = getattr(embedder, "tokenizer", None)
     if tokenizer is not None and hasattr(tokenizer, "tokenize"):
         return hf_tokenize(tokenizer)
-    if hasattr(getattr(getattr(embedder, "model", None), "transformer", None), "resblocks"):
+    if is_openclip(embedder):
         from open_clip.tokenizer import _tokenizer  # the one OpenCLIP (and A1111's SD2 code) uses
         return openclip_tokenize(_tokenizer)
     return None
