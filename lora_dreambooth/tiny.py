@@ -120,22 +120,29 @@ def build_tiny_sd1(seed: int = 0, clip_dir: str | None = None, model_channels: i
     """A tiny SD1-layout ``LatentDiffusion`` on CPU in fp32, in eval mode as A1111 holds it.
     ``context_dim`` must equal the hidden size of the CLIP in ``clip_dir`` (one of that width
     is written when none is given)."""
-    from ldm.models.diffusion.ddpm import LatentDiffusion
-
     torch.manual_seed(seed)
     if clip_dir is None:
         clip_dir = write_tiny_clip(tempfile.mkdtemp(prefix="tiny-clip-"), hidden=context_dim)
+    cond_stage = {"target": _CLIP_TARGET, "params": {"version": clip_dir, "device": "cpu"}}
+    return _latent_diffusion(cond_stage, unet_config(model_channels, channel_mult, context_dim),
+                             parameterization, seed, family="sd1")
+
+
+def _latent_diffusion(cond_stage_config: dict[str, Any], unet: dict[str, Any], parameterization: str,
+                      seed: int, family: str):
+    """An SD-schedule ``LatentDiffusion`` with the tiny VAE, set up as A1111 holds it: eval
+    mode, no zero-initialised weights, and the ``is_sd1``/``is_sd2``/``is_sdxl`` flags."""
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+
     model = LatentDiffusion(
-        first_stage_config=vae_config(),
-        cond_stage_config={"target": _CLIP_TARGET, "params": {"version": clip_dir, "device": "cpu"}},
-        unet_config=unet_config(model_channels, channel_mult, context_dim),
+        first_stage_config=vae_config(), cond_stage_config=cond_stage_config, unet_config=unet,
         conditioning_key="crossattn", cond_stage_key="txt", first_stage_key="jpg",
         image_size=8, channels=4, timesteps=1000, linear_start=0.00085, linear_end=0.012,
         scale_factor=0.18215, use_ema=False, monitor=None, parameterization=parameterization,
     )
     _randomise_zero_inits(model, seed)
     model.eval()
-    model.is_sd1, model.is_sd2, model.is_sdxl = True, False, False
+    model.is_sd1, model.is_sd2, model.is_sdxl = family == "sd1", family == "sd2", False
     return model
 
 
@@ -181,26 +188,13 @@ def build_tiny_sd2(seed: int = 0, parameterization: str = "v", model_channels: i
     (``num_head_channels``), v-prediction by default, and ldm's ``FrozenOpenCLIPEmbedder``
     reading the penultimate layer of an OpenCLIP text tower (random weights,
     ``version=None``: nothing is downloaded). Its last text layer is skipped as in SD2."""
-    from ldm.models.diffusion.ddpm import LatentDiffusion
-
     torch.manual_seed(seed)
     unet = unet_config(model_channels, channel_mult, context_dim=text_width, linear_transformer=True)
     unet["params"].update(num_heads=-1, num_head_channels=16)
     arch = _register_tiny_openclip(text_width, text_layers, heads=2)
-    model = LatentDiffusion(
-        first_stage_config=vae_config(),
-        cond_stage_config={"target": _OPENCLIP_TARGET,
-                           "params": {"arch": arch, "version": None, "device": "cpu",
-                                      "layer": "penultimate"}},
-        unet_config=unet,
-        conditioning_key="crossattn", cond_stage_key="txt", first_stage_key="jpg",
-        image_size=8, channels=4, timesteps=1000, linear_start=0.00085, linear_end=0.012,
-        scale_factor=0.18215, use_ema=False, monitor=None, parameterization=parameterization,
-    )
-    _randomise_zero_inits(model, seed)
-    model.eval()
-    model.is_sd1, model.is_sd2, model.is_sdxl = False, True, False
-    return model
+    cond_stage = {"target": _OPENCLIP_TARGET,
+                  "params": {"arch": arch, "version": None, "device": "cpu", "layer": "penultimate"}}
+    return _latent_diffusion(cond_stage, unet, parameterization, seed, family="sd2")
 
 
 # --- SDXL --------------------------------------------------------------------------------

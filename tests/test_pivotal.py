@@ -38,6 +38,16 @@ def _cond(model, prompts: list[str]) -> torch.Tensor:
         return make_backend(model).encode_prompts(prompts)
 
 
+def _cond_with_file_vectors(model, tensors: dict[str, torch.Tensor], prompt: str) -> torch.Tensor:
+    """The conditioning training uses for ``prompt`` with the file's trigger vectors installed."""
+    pivot = install_pivot(model, "wpg", "dog")
+    try:
+        load_vectors(pivot, tensors)
+        return _cond(model, [prompt])[0]
+    finally:
+        pivot.remove()
+
+
 def _no_instance_forward(model: nn.Module) -> bool:
     return all("forward" not in vars(m) for m in model.modules())
 
@@ -157,12 +167,7 @@ def test_sd1_a1111_substitution_of_the_file_gives_the_training_conditioning(tiny
     tokenizer = embedder.tokenizer
     prompt = "a photo of wpg, eating ramen"
 
-    pivot = install_pivot(pristine, "wpg", "dog")
-    try:
-        load_vectors(pivot, tensors)
-        trained = _cond(pristine, [prompt])[0]
-    finally:
-        pivot.remove()
+    trained = _cond_with_file_vectors(pristine, tensors, prompt)
 
     ids, fixes = a1111_chunk(tokenizer(prompt, add_special_tokens=False)["input_ids"],
                              tokenizer("wpg", add_special_tokens=False)["input_ids"], tensors[KEY],
@@ -201,12 +206,7 @@ def test_sd2_bundles_string_to_param_and_matches_a1111(instance_dir, tmp_path):
 
     prompt = "a photo of wpg"
     embedder = pristine.cond_stage_model
-    pivot = install_pivot(pristine, "wpg", "dog")
-    try:
-        load_vectors(pivot, tensors)
-        trained = _cond(pristine, [prompt])[0]
-    finally:
-        pivot.remove()
+    trained = _cond_with_file_vectors(pristine, tensors, prompt)
     start, end = _tokenizer.encoder["<start_of_text>"], _tokenizer.encoder["<end_of_text>"]
     ids, fixes = a1111_chunk(_tokenizer.encode(prompt), _tokenizer.encode("wpg"), tensors[KEY], start, end, 0)
     a1111 = a1111_conditioning(embedder.model, ids, fixes, embedder.encode_with_transformer)[0]
