@@ -392,14 +392,14 @@ class _Loop:
 
     def _step(self, batches: Iterator[MicroBatch], cond_cache, params: list[torch.nn.Parameter]) -> float:
         accumulation = self.config.gradient_accumulation
-        total = 0.0
+        total = torch.zeros(())
         for _ in range(accumulation):
             if self.callbacks.should_stop():
                 self.optimizer.zero_grad(set_to_none=True)
                 raise _Stopped()
             loss = self._loss(next(batches), cond_cache) / accumulation
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
+            total = total.to(loss.device) + loss.detach()  # one device sync per step, not per micro-batch
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm:
@@ -411,7 +411,7 @@ class _Loop:
             self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return total.item()
 
     def _after_step(self, step: int) -> None:
         config = self.config
