@@ -132,10 +132,11 @@ def bare_steps(model, config: TrainConfig, steps: int) -> list[float]:
 def loop_steps(model, config: TrainConfig, work: str) -> list[float]:
     """Our loop, timed between consecutive progress callbacks."""
     stamps: list[float] = []
+    device = make_backend(model).device
 
     def on_progress(progress) -> None:
         if progress.phase == "training":
-            _sync(make_backend(model).device)
+            _sync(device)
             stamps.append(time.perf_counter())
 
     def on_caching_done(progress) -> None:
