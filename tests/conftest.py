@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
-GOLDEN = os.path.join(os.path.dirname(ROOT), "shared", "golden")
+GOLDEN = os.path.join(ROOT, "tests", "golden")  # tables from the real A1111 loader (see its README)
 
 # One intra-op thread: the tiny models gain nothing from two, and on a shared 2-core machine
 # torch's spinning worker threads make small ops wait ~15 ms each (tests 10-100x slower).

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lora_dreambooth import networks
 from lora_dreambooth.adapters import Adapters, inject
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.guard import ModelSnapshot, state_hash
 from lora_dreambooth.targets import Target, find_targets
 
-NETWORKS = ("lora", "locon", "loha", "lokr")
+NETWORKS = networks.NAMES
 
 
 @pytest.fixture(scope="module")
@@ -112,34 +113,6 @@ def test_remove_restores_weights_modules_and_unusual_flags(tiny_sd1):
     hook.remove()
 
 
-def test_enabled_switches_between_adapted_and_original_modules(model):
-    targets = find_targets(model, "lora", train_text_encoder=True)
-    inputs = _inputs(model)
-    before = _unet_out(model, inputs)
-    adapters = inject(model, targets, _config("lora"))
-    try:
-        _randomise(adapters)
-        adapted = _unet_out(model, _inputs(model))
-        assert not torch.allclose(adapted, before)
-        with adapters.enabled(False):
-            assert all(model.get_submodule(t.path) is layer.base for t, layer in zip(targets, adapters.layers))
-            assert torch.equal(_unet_out(model, _inputs(model)), before)
-            with adapters.enabled(True):
-                assert torch.equal(_unet_out(model, _inputs(model)), adapted)
-            assert torch.equal(_unet_out(model, _inputs(model)), before)
-        assert torch.equal(_unet_out(model, _inputs(model)), adapted)
-    finally:
-        adapters.remove()
-    with pytest.raises(RuntimeError):
-        with adapters.enabled(True):
-            pass
-    again = inject(model, targets, _config("lora"))
-    with again.enabled(True):
-        again.remove()
-    assert all(model.get_submodule(t.path) is layer.base for t, layer in zip(targets, again.layers))
-    assert torch.equal(_unet_out(model, inputs), before)
-
-
 def test_text_encoder_targets(model):
     targets = [t for t in find_targets(model, "lora", train_text_encoder=True) if t.part == "te"]
     assert targets and all(t.kohya_name.startswith("lora_te_text_model_encoder_layers_") for t in targets)
@@ -153,8 +126,6 @@ def test_text_encoder_targets(model):
         assert not torch.allclose(cond, before)
         cond.square().mean().backward()
         assert all(p.grad is not None for p in adapters.parameters_for("te"))
-        with adapters.enabled(False):
-            assert torch.equal(model.get_learned_conditioning(prompt), before)
     finally:
         adapters.remove()
     assert torch.equal(model.get_learned_conditioning(prompt), before)
@@ -176,29 +147,31 @@ def test_failed_inject_undoes_what_it_did(model):
 
 
 @pytest.mark.parametrize("network", NETWORKS)
-def test_adapters_stay_fp32_on_a_low_precision_base(tiny_sd1, network):
-    model = tiny_sd1
-    model.model.diffusion_model.to(torch.bfloat16)
-    model.cond_stage_model.to(torch.float16)
-    before = state_hash(model)
+@pytest.mark.parametrize("dtype, device", [(torch.bfloat16, "cpu"), (torch.float16, "meta")],
+                         ids=["bf16-cpu", "fp16-meta"])
+def test_adapters_stay_fp32_on_a_low_precision_base(tiny_sd1, network, dtype, device):
+    # A1111 holds fp16 weights; torch 2.1.2's CPU build has no fp16 matmul, so fp16 runs this
+    # code on the meta device (dtypes and shapes, no kernels) and bf16 runs its numbers on the CPU.
+    model = tiny_sd1.to(device, dtype)
+    computed = device == "cpu"
+    before = state_hash(model) if computed else None
     adapters = inject(model, find_targets(model, network, train_text_encoder=True), _config(network))
     try:
         _randomise(adapters)
         for layer in adapters.layers:
-            dtype = layer.base.weight.dtype
-            assert dtype in (torch.bfloat16, torch.float16)
+            assert layer.base.weight.dtype == dtype
             assert all(p.dtype == torch.float32 for p in layer.parameters())
             shape = (2, layer.base.in_channels, 4, 4) if isinstance(layer.base, torch.nn.Conv2d) \
                 else (2, layer.base.in_features)
-            x = torch.randn(shape, dtype=dtype)
+            x = torch.randn(shape, dtype=dtype, device=device)
             out = layer.wrapper(x)  # no autocast: fp32 adapter on a half-precision base
-            assert out.dtype == dtype and torch.isfinite(out).all()
+            assert out.dtype == dtype and (not computed or torch.isfinite(out).all())
             out.float().square().sum().backward()
             assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
     finally:
         adapters.remove()
-    assert state_hash(model) == before
-    assert model.model.diffusion_model.input_blocks[1][1].proj_in.weight.dtype == torch.bfloat16
+    assert not computed or state_hash(model) == before
+    assert model.model.diffusion_model.input_blocks[1][1].proj_in.weight.dtype == dtype
 
 
 def test_guard_reports_every_kind_of_change(tiny_sd1):

@@ -19,6 +19,9 @@ from lora_dreambooth.model import make_backend
 from lora_dreambooth.train import TrainingError, train_lora
 
 KEY = "bundle_emb.wpg.string_to_param.*"
+#: A1111's embedding substitution (the tests' stand-in of it) and our pivot are two code paths
+#: doing the same sums in another order: equal up to float32 rounding (2.4e-7 seen on one CPU).
+ROUNDING = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +178,8 @@ def test_sd1_a1111_substitution_of_the_file_gives_the_training_conditioning(tiny
     assert fixes[0][0] == 3  # after "a photo of"
     a1111 = a1111_conditioning(embedder.transformer.text_model.embeddings, ids, fixes,
                                lambda t: embedder.transformer(input_ids=t).last_hidden_state)[0]
-    assert torch.equal(a1111, trained)
-    assert not torch.equal(a1111, _cond(pristine, [prompt])[0])
+    torch.testing.assert_close(a1111, trained, **ROUNDING)
+    assert not torch.allclose(a1111, _cond(pristine, [prompt])[0], **ROUNDING)
 
 
 def test_under_a1111s_hijack_the_hijack_module_stays_and_keeps_working(tiny_sd1, instance_dir, tmp_path):
@@ -196,7 +199,7 @@ def test_under_a1111s_hijack_the_hijack_module_stays_and_keeps_working(tiny_sd1,
 def test_sd2_bundles_string_to_param_and_matches_a1111(instance_dir, tmp_path):
     from open_clip.tokenizer import _tokenizer
 
-    from lora_dreambooth.tiny import build_tiny_sd2
+    from tiny_models import build_tiny_sd2
     model = build_tiny_sd2()
     pristine = copy.deepcopy(model)
     snapshot = ModelSnapshot.take(model)
@@ -210,12 +213,12 @@ def test_sd2_bundles_string_to_param_and_matches_a1111(instance_dir, tmp_path):
     start, end = _tokenizer.encoder["<start_of_text>"], _tokenizer.encoder["<end_of_text>"]
     ids, fixes = a1111_chunk(_tokenizer.encode(prompt), _tokenizer.encode("wpg"), tensors[KEY], start, end, 0)
     a1111 = a1111_conditioning(embedder.model, ids, fixes, embedder.encode_with_transformer)[0]
-    assert torch.equal(a1111, trained)
+    torch.testing.assert_close(a1111, trained, **ROUNDING)
     assert torch.equal(_cond(pristine, ["a photo of a dog"]), _cond(model, ["a photo of a dog"]))
 
 
 def test_sdxl_bundles_clip_l_and_clip_g_and_matches_a1111(tmp_path, instance_dir, tiny_clip_dir):
-    from lora_dreambooth.tiny import build_tiny_sdxl
+    from tiny_models import build_tiny_sdxl
     model = build_tiny_sdxl(clip_dir=tiny_clip_dir)
     snapshot = ModelSnapshot.take(model)
     result = _train(model, instance_dir, tmp_path, trigger="sks")  # one token in both tokenizers
@@ -247,17 +250,17 @@ def test_sdxl_bundles_clip_l_and_clip_g_and_matches_a1111(tmp_path, instance_dir
                              tok.bos_token_id, tok.eos_token_id, tok.eos_token_id)
     hidden = a1111_conditioning(clip_l.transformer.text_model.embeddings, ids, fixes, lambda t: clip_l.transformer(
         input_ids=t, output_hidden_states=True).hidden_states[clip_l.layer_idx])[0]
-    assert torch.equal(hidden, after["crossattn"][1, :, te1])
+    torch.testing.assert_close(hidden, after["crossattn"][1, :, te1], **ROUNDING)
     start, end = _tokenizer.encoder["<start_of_text>"], _tokenizer.encoder["<end_of_text>"]
     ids, fixes = a1111_chunk(_tokenizer.encode(prompts[1]), _tokenizer.encode("sks"), tensors["bundle_emb.sks.clip_g"],
                              start, end, 0)
     out = a1111_conditioning(clip_g.model, ids, fixes, clip_g.encode_with_transformer)
-    assert torch.equal(out["penultimate"][0], after["crossattn"][1, :, te2])
-    assert torch.equal(out["pooled"][0], after["vector"][1, :32])
+    torch.testing.assert_close(out["penultimate"][0], after["crossattn"][1, :, te2], **ROUNDING)
+    torch.testing.assert_close(out["pooled"][0], after["vector"][1, :32], **ROUNDING)
 
 
 def test_refusals(tiny_clip_dir, instance_dir, tmp_path):
-    from lora_dreambooth.tiny import build_tiny_sdxl
+    from tiny_models import build_tiny_sdxl
     with pytest.raises(ConfigError, match="must not contain '.'"):
         TrainConfig(trigger="w.pg", pivotal=True).validate()
     with pytest.raises(ConfigError, match="embedding learning rate"):
