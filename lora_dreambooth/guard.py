@@ -1,48 +1,90 @@
 """Proof that the user's model comes back exactly as it was.
 
 ``ModelSnapshot.take(model)`` records everything a training run could disturb: every tensor's
-bytes (as a hash), dtype and device, every parameter's ``requires_grad``, every module's
+bytes (as a checksum), dtype and device, every parameter's ``requires_grad``, every module's
 ``training`` flag and forward hooks, and which module object sits under each name.
-``differences(model)`` lists what is not the same any more; ``restore_flags(model)`` puts the
-flags back (it cannot undo changed weights or replaced modules: those are bugs to report).
+``verify(model)`` lists what is not the same any more (and remembers it, so the host and the
+engine share one check); ``restore_flags(model)`` puts the flags back (it cannot undo changed
+weights or replaced modules: those are bugs to report).
+
+The checksum of a tensor, computed on the tensor's own device (one read of every weight at
+memory bandwidth; no copy to the host but two numbers per tensor), is a pair of wrapping
+(mod 2**64) sums over its bytes read as 64-bit words cut into rows of 4093 words: the plain
+sum of all words, and the sum of each row's sum times the row's position. A single flipped bit
+changes one word by ±2**k, never 0 mod 2**64, so any change confined to one word is always
+caught; a change spread over many words (an optimizer step, a merged LoRA) goes unnoticed only
+if its deltas cancel in both sums exactly (chance ~2**-64); the positional sum also catches
+rows of words moved or swapped within a tensor (not two words swapped within one row). Both
+cost one pass: ``bench/guard.py`` measures it.
 """
 from __future__ import annotations
 
 import hashlib
 import weakref
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-#: Bytes copied to the CPU at a time while hashing (keeps the host copy of a GPU model small).
-_CHUNK_BYTES = 16 * 1024 * 1024
+_WORD = 8  # bytes per word summed (int64: a plain vectorised sum, bandwidth-bound)
+_ROW = 4093  # words per row of the positional sum (prime: rows rarely align with a weight's rows)
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes, read on its own device and copied to the CPU in chunks."""
-    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    digest = hashlib.sha256()
-    for start in range(0, flat.numel(), _CHUNK_BYTES):
-        digest.update(flat[start:start + _CHUNK_BYTES].cpu().numpy())
-    return digest.hexdigest()
+def _checksum(tensor: torch.Tensor) -> torch.Tensor:
+    """(Σ words + Σ tail bytes, Σ_j (j + 1) · row_sum_j) of the tensor's bytes as int64 words
+    (wrapping), the last row possibly short: an int64 pair on the tensor's device."""
+    data = tensor.detach().reshape(-1).view(torch.uint8)  # reshape copies only a non-contiguous tensor
+    if data.storage_offset() % _WORD:  # int64 view needs an 8-byte aligned start (rare: a slice)
+        data = data.clone()
+    words = data[:data.numel() // _WORD * _WORD].view(torch.int64)
+    tail = data[words.numel() * _WORD:].to(torch.int64).sum() if data.numel() % _WORD else 0
+    if words.numel() <= _ROW:  # one row (most tensors are this small): as few kernels as can be
+        total = words.sum()
+        return torch.stack([total + tail, total])
+    whole = words.numel() // _ROW * _ROW
+    sums = words[:whole].view(-1, _ROW).sum(1)
+    if whole < words.numel():
+        sums = torch.cat([sums, words[whole:].sum().view(1)])
+    positions = torch.arange(1, sums.numel() + 1, device=sums.device)
+    return torch.stack([sums.sum() + tail, (sums * positions).sum()])
 
 
-def _tensor_digests(model: torch.nn.Module) -> dict[str, str]:
-    return {name: tensor_digest(t) for name, t in model.state_dict().items()}
+def _checksums(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Each tensor's checksum, computed where it lives; one transfer per device. A storage
+    shared by several names (tied weights) is read once."""
+    seen: dict[tuple, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in seen:
+            seen[key] = _checksum(t)
+        sums[name] = seen[key]
+    values: dict[str, tuple[int, int]] = {}
+    by_device: dict[torch.device, list[str]] = {}
+    for name, s in sums.items():
+        by_device.setdefault(s.device, []).append(name)
+    for names in by_device.values():
+        host = torch.stack([sums[n] for n in names]).cpu().tolist()
+        values.update(zip(names, map(tuple, host)))
+    return values
 
 
-def _combine(model: torch.nn.Module, digests: dict[str, str]) -> str:
-    """One sha256 over (name, dtype, shape, sha256 of bytes) of every state_dict tensor, in
-    order. Hashing per tensor first is what lets ``differences`` name the tensor that changed."""
+def _fingerprint(model: torch.nn.Module) -> tuple[str, dict[str, tuple[int, int]]]:
+    """(one sha256 over name, dtype, shape and checksum of every parameter and buffer in
+    order, the checksums by name). Checking per tensor is what lets ``differences`` name the
+    tensor that changed."""
+    tensors = _all_tensors(model)
+    digests = _checksums(tensors)
     total = hashlib.sha256()
-    for name, t in model.state_dict().items():
+    for name, t in tensors.items():
         total.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{digests[name]}\n".encode())
-    return total.hexdigest()
+    return total.hexdigest(), digests
 
 
 def state_hash(model: torch.nn.Module) -> str:
-    """A hash of the model's whole state_dict: equal hashes mean bit-identical weights."""
-    return _combine(model, _tensor_digests(model))
+    """A fingerprint of every parameter and buffer of the model: it changes with any flipped
+    bit, dtype, shape or name (see the module docstring for what a checksum proves)."""
+    return _fingerprint(model)[0]
 
 
 def _hooks(module: torch.nn.Module) -> tuple[tuple[int, ...], ...]:
@@ -66,18 +108,21 @@ class _ModuleRecord:
 @dataclass
 class ModelSnapshot:
     hash: str
-    digests: dict[str, str]
+    digests: dict[str, tuple[int, int]]
     modules: dict[str, _ModuleRecord]
     requires_grad: dict[str, bool]
     placement: dict[str, tuple[torch.dtype, torch.device]]
+    #: What ``verify`` found (None: not verified yet): whoever holds the snapshot reads the
+    #: engine's after-run check here instead of reading every weight again.
+    verified: Optional[list[str]] = None
 
     @classmethod
     def take(cls, model: torch.nn.Module) -> "ModelSnapshot":
-        digests = _tensor_digests(model)
+        model_hash, digests = _fingerprint(model)
         modules = {name: _ModuleRecord(weakref.ref(m), m.training, _hooks(m))
                    for name, m in model.named_modules(remove_duplicate=False)}
         params = dict(model.named_parameters(remove_duplicate=False))
-        return cls(hash=_combine(model, digests), digests=digests, modules=modules,
+        return cls(hash=model_hash, digests=digests, modules=modules,
                    requires_grad={name: p.requires_grad for name, p in params.items()},
                    placement={name: (t.dtype, t.device) for name, t in _all_tensors(model).items()})
 
@@ -127,10 +172,15 @@ class ModelSnapshot:
                 found.append(f"tensor {name} moved {dtype}@{device} -> {t.dtype}@{t.device}")
         found += [f"tensor {name} added" for name in tensors if name not in self.placement]
 
-        digests = _tensor_digests(model)
-        if _combine(model, digests) != self.hash:
+        model_hash, digests = _fingerprint(model)
+        if model_hash != self.hash:
             changed = [name for name, d in digests.items() if self.digests.get(name) not in (None, d)]
             found += [f"tensor {name} values changed" for name in changed]
             if not changed:
-                found.append("state_dict hash changed")
+                found.append("model fingerprint changed")
         return found
+
+    def verify(self, model: torch.nn.Module) -> list[str]:
+        """``differences(model)``, kept in ``verified``."""
+        self.verified = self.differences(model)
+        return self.verified

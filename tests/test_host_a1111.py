@@ -47,8 +47,8 @@ def test_progress_lands_in_shared_state(a1111):
     state.job_no, state.sampling_step, state.sampling_steps = 13, 20, 20  # a preview render ran
     bridge.rewrite()
     assert (state.job_no, state.sampling_step, state.sampling_steps) == (12, 0, 0)
-    bridge.update(Progress(0, 400, math.nan, 0.0, 0.0, 0.0, "caching"))
-    assert state.textinfo.startswith("Caching latents")
+    bridge.update(Progress(0, 400, math.nan, 0.0, 0.0, 0.0, "encoding"))
+    assert state.textinfo.startswith("Encoding images and prompts") and state.job_no == 0
     assert format_eta(3725) == "1:02:05"
 
 
@@ -74,7 +74,7 @@ def test_extra_networks_are_stripped_from_preview_prompts(a1111, given, expected
     assert strip_extra_networks(given) == expected
 
 
-def test_an_interrupted_preview_reuses_the_last_picture(a1111, tiny_sd1):
+def test_an_interrupted_preview_is_no_picture_and_the_last_stays(a1111, tiny_sd1):
     from lora_dreambooth.config import TrainConfig
     from lora_dreambooth.host.job import _Previews
     from lora_dreambooth.host.progress import ProgressBridge
@@ -83,8 +83,8 @@ def test_an_interrupted_preview_reuses_the_last_picture(a1111, tiny_sd1):
     stop = []
     previews = _Previews(TrainConfig(resolution=64, preview_steps=2), ProgressBridge(10), lambda: bool(stop))
     first = previews.render(1)
-    assert previews.fresh and first.size == (64, 64)
+    assert first.size == (64, 64) and previews.last is first
     a1111.state.interrupt()  # Interrupt pressed while the preview samples: A1111 returns no image
-    assert previews.render(2) is first and not previews.fresh
+    assert previews.render(2) is None and previews.last is first
     stop.append(True)
-    assert previews.render(3) is first and not previews.fresh
+    assert previews.render(3) is None and previews.last is first

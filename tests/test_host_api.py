@@ -37,9 +37,12 @@ def tree(folder: str) -> list[str]:
 def test_train_with_uploaded_images_reports_progress_and_the_output(a1111, client, tiny_sd1):
     load_model_as_a1111(a1111.shared, tiny_sd1)
     assert client.get("/lora-train/v1/status").json()["state"] == "idle"
-    images = [b64(png_bytes((200, 10, 10))), {"name": "../../etc/passwd me.png", "data": b64(png_bytes((0, 0, 0)))}]
+    images = [b64(png_bytes((200, 10, 10))), {"name": "../../etc/passwd me.png", "data": b64(png_bytes((0, 0, 0)))},
+              {"name": "again.png", "data": b64(png_bytes((200, 10, 10)))}]
     response = client.post("/lora-train/v1/train", json={**QUICK, "preview_every": 2, "instance_images": images})
     assert response.status_code == 202
+    assert response.json()["skipped"] == ["instance_images[2] (again.png): the same picture as instance_images[0]: "
+                                          "not added twice"]
     job = response.json()["job"]
     status = wait_until_finished(client)
     assert status["job"] == job and status["state"] == "done", status
@@ -68,6 +71,8 @@ def test_bad_requests_get_every_message_and_nothing_is_written(a1111, client, ti
     assert client.post("/lora-train/v1/train", json={**QUICK, "instance_images": []}).status_code == 422
     unknown = client.post("/lora-train/v1/train", json={**QUICK, "instance_dir": "/nowhere", "colour": "red"})
     assert unknown.status_code == 422 and unknown.json()["detail"] == ["unknown setting 'colour'"]
+    untyped = client.post("/lora-train/v1/train", json={**QUICK, "instance_dir": "/nowhere", "extra": {"a": 1}})
+    assert untyped.status_code == 422 and untyped.json()["detail"] == ["unknown setting 'extra'"]
     folder = client.post("/lora-train/v1/train", json={**QUICK, "instance_dir": "/nowhere"})
     assert "instance (dataset) folder does not exist: /nowhere" in folder.json()["detail"][0]
     a1111.shared.sd_model = None
@@ -84,7 +89,7 @@ def test_a_second_run_is_refused_while_one_is_active_and_cancel_saves(a1111, cli
     gate, at_step_1 = threading.Event(), threading.Event()
     real_train = job_module.train_lora
 
-    def train_waiting_at_step_1(model, config, lora_dir, run_dir, callbacks):
+    def train_waiting_at_step_1(model, config, lora_dir, run_dir, callbacks, **kwargs):
         on_progress = callbacks.on_progress
 
         def hold(progress):
@@ -93,7 +98,7 @@ def test_a_second_run_is_refused_while_one_is_active_and_cancel_saves(a1111, cli
                 at_step_1.set()
                 gate.wait(30)
         callbacks.on_progress = hold
-        return real_train(model, config, lora_dir, run_dir, callbacks)
+        return real_train(model, config, lora_dir, run_dir, callbacks, **kwargs)
 
     monkeypatch.setattr(job_module, "train_lora", train_waiting_at_step_1)
     payload = {**QUICK, "steps": 50, "instance_images": [b64(png_bytes((9, 9, 9)))]}

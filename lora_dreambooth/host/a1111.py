@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from modules import devices, lowvram, shared
 
+from .. import memory
 from ..families import family_defaults, family_label
 from ..model import UnsupportedModelError, make_backend
 
@@ -87,6 +88,8 @@ def refresh_lora_list() -> bool:
 
 
 def release_memory() -> None:
+    """What a run leaves back to the process (``memory.release``), then A1111's own cleanup."""
+    memory.release()
     devices.torch_gc()
 
 

@@ -15,8 +15,6 @@ when the user pressed Interrupt meanwhile).
 """
 from __future__ import annotations
 
-import base64
-import io
 import shutil
 import uuid
 from secrets import compare_digest
@@ -29,6 +27,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from modules import call_queue, shared
 
 from ..config import ConfigError, TrainConfig
+from ..export import png_base64
 from ..grid import GridRequest
 from . import a1111, contamination, files, paths, token_check
 from .job import JobStatus, RunRequest, TrainingJob, prepare_resume, request_problems
@@ -60,15 +59,10 @@ def basic_auth(credentials: dict[str, str]) -> Callable:
     return auth
 
 
-def _png_base64(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def status_body(status: JobStatus) -> dict[str, Any]:
-    preview = None if status.preview is None else _png_base64(status.preview)
-    return {"job": status.job, "state": status.state, "step": status.step, "total": status.total,
+    preview = None if status.preview is None else png_base64(status.preview)
+    return {"job": status.job, "state": status.state, "phase": status.phase, "text": status.text,
+            "step": status.step, "total": status.total,
             "loss": status.loss, "eta_s": status.eta_s, "preview": preview, "output": status.output,
             "error": status.error}
 
@@ -77,16 +71,17 @@ def _busy() -> JSONResponse:
     return JSONResponse(status_code=409, content={"detail": ["a training run is already active"]})
 
 
-def _prepare(payload: dict) -> tuple[Optional[TrainConfig], Optional[str], list[str]]:
-    """(config, staged image folder, problems); on problems nothing is left on disk."""
+def _prepare(payload: dict) -> tuple[Optional[TrainConfig], Optional[str], list[str], list[str]]:
+    """(config, staged image folder, problems, images skipped as duplicates); on problems
+    nothing is left on disk."""
     values = {**a1111.loaded_family()[1], **payload}  # unset fields: the loaded family's defaults
     images = values.pop(IMAGES_FIELD, None)
     problems: list[str] = []
-    staging = None
+    staging, skipped = None, []
     if images is not None:
         if values.get("instance_dir"):
             problems.append(f"give either {IMAGES_FIELD} or instance_dir, not both")
-        staging, image_problems = files.stage_base64_images(images, IMAGES_FIELD)
+        staging, image_problems, skipped = files.stage_base64_images(images, IMAGES_FIELD)
         problems += image_problems
     config = None
     try:
@@ -100,7 +95,7 @@ def _prepare(payload: dict) -> tuple[Optional[TrainConfig], Optional[str], list[
     if problems and staging:
         shutil.rmtree(staging, ignore_errors=True)
         staging = None
-    return config, staging, problems
+    return config, staging, problems, skipped
 
 
 def grid_request(payload: dict) -> tuple[Optional[GridRequest], list[str]]:
@@ -138,7 +133,7 @@ def register(app: FastAPI, job: TrainingJob, api_auth: Optional[str] = None) -> 
     def train(payload: dict = Body(...)) -> JSONResponse:
         if job.active:
             return _busy()
-        config, staging, problems = _prepare(payload)
+        config, staging, problems, skipped = _prepare(payload)
         if problems:
             return JSONResponse(status_code=422, content={"detail": problems})
         job_id = uuid.uuid4().hex[:12]
@@ -149,7 +144,7 @@ def register(app: FastAPI, job: TrainingJob, api_auth: Optional[str] = None) -> 
             if upload_dir:
                 shutil.rmtree(upload_dir, ignore_errors=True)
             return _busy()
-        return JSONResponse(status_code=202, content={"job": job_id})
+        return JSONResponse(status_code=202, content={"job": job_id, "skipped": skipped})
 
     def status() -> dict[str, Any]:
         return status_body(job.status())
@@ -179,7 +174,7 @@ def register(app: FastAPI, job: TrainingJob, api_auth: Optional[str] = None) -> 
         if outcome.grid is None:
             return JSONResponse(status_code=409, content={"detail": [outcome.message]})
         return JSONResponse(content={
-            "image": _png_base64(outcome.grid.image), "path": outcome.path,
+            "image": png_base64(outcome.grid.image), "path": outcome.path,
             "moved_at": request.strongest,
             "rows": [{"prompt": row.prompt, "moved": row.moved} for row in outcome.grid.rows]})
 

@@ -2,9 +2,11 @@
 background thread that takes the same ``call_queue.queue_lock``) both run it, so training
 never overlaps generation and there is never more than one run.
 
-A run: check the model → undo A1111's merged LoRAs → hash the model → ``train_lora`` with
-callbacks that feed ``shared.state`` and this job's status → card picture and Lora list
-refresh → hash again (must be equal) → free memory. Cancel, A1111's Interrupt and Stop all end
+A run: check the model → undo A1111's merged LoRAs → snapshot the model (``guard``) →
+``train_lora`` with callbacks that feed ``shared.state`` and this job's status, which checks the
+model against that snapshot at its end (one read of every weight before, one after) → card
+picture and Lora list refresh → free memory (``memory.release``). ``JobStatus.phase`` says
+what the run is doing (``train.PHASES``). Cancel, A1111's Interrupt and Stop all end
 training at the next micro-batch and save what was trained.
 
 Resuming: the tab and the API name the LoRA to continue, and ``prepare_resume`` finds its file
@@ -24,13 +26,13 @@ import torch
 from PIL import Image
 from modules import call_queue, shared
 
-from .. import export, resume
+from .. import adapters, export, resume
 from ..config import TrainConfig
 from ..export import ExportResult, atomic_write
-from ..guard import state_hash
+from ..guard import ModelSnapshot
 from ..train import Progress, TrainCallbacks, TrainResult, train_lora
-from . import a1111, files, paths, render, settings
-from .progress import ProgressBridge
+from . import a1111, files, headroom, paths, render, settings
+from .progress import STEPLESS, ProgressBridge
 
 IDLE, RUNNING, DONE, CANCELLED, FAILED = "idle", "running", "done", "cancelled", "failed"
 MAX_LOG_LINES = 500
@@ -39,6 +41,7 @@ MAX_LOG_LINES = 500
 @dataclass
 class JobStatus:
     state: str = IDLE
+    phase: str = ""                  # while running: "queued" or one of train.PHASES
     job: Optional[str] = None
     step: int = 0
     total: int = 0
@@ -79,6 +82,8 @@ def request_problems(config: TrainConfig, check_instance: bool = True) -> list[s
     if config.regularization > 0:
         problems += files.folder_problems(config.class_dir, "class")
     problems += a1111.model_problems(shared.sd_model)
+    if not problems:  # a valid config on a trainable model: can its network type train it all?
+        problems += [p for p in [adapters.network_problem(shared.sd_model, config)] if p]
     return problems
 
 
@@ -151,9 +156,10 @@ class _Previews:
     def __init__(self, config: TrainConfig, bridge: ProgressBridge, should_stop):
         self.config, self.bridge, self.should_stop = config, bridge, should_stop
         self.last: Optional[Image.Image] = None
-        self.fresh = False
 
-    def render(self, step: int) -> Image.Image:
+    def render(self, step: int) -> Optional[Image.Image]:
+        """The preview, or None when A1111's Interrupt/Stop or Cancel cut it short (the engine
+        then saves nothing for this step; the run stops right after)."""
         c = self.config
         image = None
         if not self.should_stop():
@@ -161,11 +167,9 @@ class _Previews:
                                    seed=c.preview_seed, steps=c.preview_steps, cfg_scale=c.preview_cfg,
                                    width=c.resolution, height=c.resolution)
         self.bridge.rewrite()
-        self.fresh = image is not None
         if image is not None:
             self.last = image
-        # Interrupted mid-render: the engine still wants a picture; it stops right after.
-        return self.last or Image.new("RGB", (c.resolution, c.resolution), (127, 127, 127))
+        return image
 
 
 class TrainingJob:
@@ -193,7 +197,7 @@ class TrainingJob:
         with self._lock:
             if self._status.state == RUNNING:
                 return False
-            self._status = JobStatus(state=RUNNING, job=job_id, total=config.steps,
+            self._status = JobStatus(state=RUNNING, phase="queued", job=job_id, total=config.steps,
                                      trigger=config.trigger.strip(), text="Waiting for the GPU queue…")
             self._cancel.clear()
             return True
@@ -256,6 +260,8 @@ class TrainingJob:
         config = request.config
         bridge = ProgressBridge(config.steps)
         bridge.start()
+        with self._lock:
+            self._status.phase, self._status.text = bridge.phase, bridge.text
         self._outcome = (FAILED, "the run ended without a result", None)
         try:
             model = shared.sd_model
@@ -283,29 +289,32 @@ class TrainingJob:
         restored = a1111.deactivate_networks(model)
         if restored:
             self._log(f"deactivated A1111's LoRAs: restored base weights of {restored} layers")
-        before = state_hash(model)
-        self._log(f"model state before training: {before}")
+        snapshot = ModelSnapshot.take(model)
+        self._log(f"model state before training: {snapshot.hash}")
         previews = _Previews(config, bridge, self._should_stop)
         callbacks = TrainCallbacks(
             on_progress=lambda p: self._on_progress(p, bridge),
             render_preview=previews.render,
-            on_preview=lambda step, image, path: self._on_preview(step, image, path, previews, bridge),
+            on_preview=lambda step, image, path: self._on_preview(image, path, bridge),
             should_stop=self._should_stop,
             on_log=self._log)
         run_dir = paths.new_run_dir(config.output_name)
         with self._lock:  # known from the start: a failed run's intermediate saves can be promoted
             self._status.run_dir = run_dir
         try:
-            result = train_lora(model, config, paths.lora_dir(), run_dir, callbacks)
+            result = train_lora(model, config, paths.lora_dir(), run_dir, callbacks, snapshot=snapshot)
         except Exception as error:
             self._on_failure(error, run_dir)
         else:
             self._on_result(result, previews.last)
-        finally:
-            after = state_hash(model)
-            same = after == before
-            self._log(f"model state after: {after} ({'unchanged' if same else 'CHANGED: reload the checkpoint'})")
-            if not same:
+            tight = headroom.warning(model) if result.path else ""
+            if tight:
+                self._log(tight)
+        finally:  # the engine's check, or (it stopped before touching the model) our own
+            found = snapshot.verified if snapshot.verified is not None else snapshot.verify(model)
+            self._log("model state after: " + ("unchanged" if not found else
+                                               "CHANGED: reload the checkpoint: " + "; ".join(found[:5])))
+            if found:
                 state, _error, text = self._outcome
                 self._outcome = (state, "The model's weights changed during training: reload the checkpoint.", text)
 
@@ -314,16 +323,15 @@ class TrainingJob:
         loss = None if math.isnan(progress.loss) else progress.loss
         with self._lock:
             s = self._status
+            s.phase, s.text = progress.phase, bridge.text
+            if progress.phase in STEPLESS:
+                return
             s.step, s.total, s.loss, s.lr, s.eta_s, s.text = (
                 progress.step, progress.total, loss, progress.lr, progress.eta_s, bridge.text)
             if progress.phase == "training" and loss is not None:
                 s.losses.append((progress.step, loss))
 
-    def _on_preview(self, step: int, image: Image.Image, path: str, previews: _Previews,
-                    bridge: ProgressBridge) -> None:
-        if not previews.fresh:
-            self._log(f"preview at step {step} skipped (stopping)")
-            return
+    def _on_preview(self, image: Image.Image, path: str, bridge: ProgressBridge) -> None:
         bridge.show(image)
         with self._lock:
             self._status.preview = image
@@ -371,7 +379,7 @@ class TrainingJob:
         state, error, text = self._outcome
         with self._lock:
             s = self._status
-            s.state, s.error = state, error
+            s.state, s.error, s.phase = state, error, ""
             s.eta_s = None if state == FAILED else 0.0
             s.text = text or error or s.text
 

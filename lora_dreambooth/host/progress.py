@@ -22,10 +22,25 @@ def format_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+#: What the bar says in each phase before the first step (``train.PHASES``), so a user sees
+#: why no step has come yet.
+PHASE_TEXT = {
+    "checking": "Checking the model…",
+    "reading": "Reading images…",
+    "encoding": "Encoding images and prompts…",
+    "verifying": "Checking the model is unchanged…",
+}
+
+#: Phases whose ``Progress`` carries no step count of its own: the bar keeps the last one.
+STEPLESS = ("checking", "reading", "verifying")
+
+
 def describe(progress: Progress) -> str:
     """One line (A1111 shows textinfo in the bar only when it has no newline)."""
-    if progress.phase == "caching":
-        return f"Caching latents… (0/{progress.total} steps)"
+    if progress.phase == "encoding":
+        return f"{PHASE_TEXT['encoding']} ({progress.step}/{progress.total} steps)"
+    if progress.phase in PHASE_TEXT:
+        return PHASE_TEXT[progress.phase]
     if progress.phase == "saving":
         return f"Saving after {progress.step}/{progress.total} steps…"
     loss = "–" if math.isnan(progress.loss) else f"{progress.loss:.4f}"
@@ -37,17 +52,19 @@ class ProgressBridge:
     def __init__(self, total_steps: int):
         self.total = total_steps
         self.last: Optional[Progress] = None
-        self.text = "Preparing…"
+        self.phase = "checking"
+        self.text = PHASE_TEXT[self.phase]
 
-    def start(self, text: str = "Preparing…") -> None:
-        self.text = text
+    def start(self) -> None:
         self._write(0)
 
     def update(self, progress: Progress) -> None:
-        self.last = progress
-        self.total = progress.total  # a resumed run counts on from the file's steps
+        self.phase = progress.phase
         self.text = describe(progress)
-        self._write(progress.step)
+        if progress.phase not in STEPLESS:
+            self.last = progress
+            self.total = progress.total  # a resumed run counts on from the file's steps
+        self.rewrite()
 
     def rewrite(self) -> None:
         """Put our numbers back after a preview render moved them."""

@@ -34,6 +34,16 @@ def a1111(tmp_path):
     # shared 2-core machine OpenMP oversubscription makes a 1 s run take a minute.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield enter_stand_in(str(tmp_path))
+    finally:
+        leave_stand_in()
+        torch.set_num_threads(threads)
+
+
+def enter_stand_in(folder: str) -> SimpleNamespace:
+    """Put the stand-in on ``sys.path`` with A1111's data and Lora folders under ``folder``, the
+    Lora extension's networks registered (also what bench/ runs the host in)."""
     sys.path.insert(0, STUB)
     _forget_stub_modules()
     from modules import (call_queue, devices, extra_networks, paths_internal, processing, progress,
@@ -43,19 +53,19 @@ def a1111(tmp_path):
 
     extra_networks.initialize()  # what the Lora extension's before_ui callback does
     extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
-    paths_internal.data_path = shared.data_path = str(tmp_path / "webui")
+    paths_internal.data_path = shared.data_path = os.path.join(folder, "webui")
     os.makedirs(paths_internal.data_path)  # A1111's data folder always exists
-    paths_internal.models_path = shared.models_path = str(tmp_path / "webui" / "models")
-    shared.cmd_opts.lora_dir = str(tmp_path / "webui" / "models" / "Lora")
-    try:
-        yield SimpleNamespace(shared=shared, state=shared.state, call_queue=call_queue, devices=devices,
-                              processing=processing, progress=progress, script_callbacks=script_callbacks,
-                              networks=networks, data_path=paths_internal.data_path,
-                              lora_dir=shared.cmd_opts.lora_dir)
-    finally:
-        sys.path.remove(STUB)
-        _forget_stub_modules()
-        torch.set_num_threads(threads)
+    paths_internal.models_path = shared.models_path = os.path.join(folder, "webui", "models")
+    shared.cmd_opts.lora_dir = os.path.join(folder, "webui", "models", "Lora")
+    return SimpleNamespace(shared=shared, state=shared.state, call_queue=call_queue, devices=devices,
+                           processing=processing, progress=progress, script_callbacks=script_callbacks,
+                           networks=networks, data_path=paths_internal.data_path,
+                           lora_dir=shared.cmd_opts.lora_dir)
+
+
+def leave_stand_in() -> None:
+    sys.path.remove(STUB)
+    _forget_stub_modules()
 
 
 def load_model_as_a1111(shared, model: torch.nn.Module, model_hash: str = "0123abcd") -> torch.nn.Module:
