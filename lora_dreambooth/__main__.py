@@ -6,7 +6,7 @@ COMMANDS = ("demo",)
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
-        print("usage: python -m lora_dreambooth demo --out DIR [--steps N] [--network lora|locon|loha|lokr]")
+        print("usage: python -m lora_dreambooth demo --out DIR [--steps N] [--network TYPE]")
         return 2
     from .demo import main as demo
     return demo(argv[1:])

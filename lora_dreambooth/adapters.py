@@ -1,7 +1,7 @@
 """peft adapters put in place on the model A1111 holds, and taken out again without a trace.
 
-Each target module is wrapped by one of peft's layer classes (LoRA, LoHa or LoKr; Linear or
-Conv2d) and the wrapper is set on the parent in place of the original. peft's model-wide
+Each target module is wrapped by the peft layer its network type builds (``networks``;
+Linear or Conv2d) and the wrapper is set on the parent in place of the original. peft's model-wide
 ``inject_adapter_in_model`` is not used: it switches off ``requires_grad`` on the whole model,
 and the user's model is not ours to change. Removing an adapter sets the original module
 object back, so the model's modules, weights and flags are exactly what they were. A fused
@@ -13,48 +13,18 @@ the base dtype (A1111 keeps the UNet in fp16).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
-from peft.tuners.loha import layer as loha
-from peft.tuners.lokr import layer as lokr
-from peft.tuners.lora import layer as lora
+from diffusers.training_utils import cast_training_params
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from . import networks
 from .config import TrainConfig
 from .fused_attention import FusedSlice, adapt_fused_attention, split_fused_targets
-from .targets import Target
-
-#: peft's adapter name; there is only ever one adapter per layer here.
-ADAPTER = "default"
-
-
-class _Fp32DeltaInput:
-    """peft's LoHa/LoKr layers compute ``F.linear/conv2d(x, delta_weight)`` with ``x`` in the
-    base dtype; with fp32 adapters on an fp16 base that is a dtype error outside autocast.
-    Feed the delta path fp32 input: the layer's ``forward`` casts the sum back to x's dtype."""
-
-    def _get_delta_activations(self, adapter_name: str, input: torch.Tensor, *args, **kwargs):
-        return super()._get_delta_activations(adapter_name, input.to(torch.float32), *args, **kwargs)
-
-
-class LoHaLinear(_Fp32DeltaInput, loha.Linear):
-    pass
-
-
-class LoHaConv2d(_Fp32DeltaInput, loha.Conv2d):
-    pass
-
-
-class LoKrLinear(_Fp32DeltaInput, lokr.Linear):
-    pass
-
-
-class LoKrConv2d(_Fp32DeltaInput, lokr.Conv2d):
-    pass
+from .networks.base import adapter_parameters
+from .targets import Target, find_targets
 
 
 @dataclass
@@ -74,8 +44,7 @@ class AdaptedLayer:
         setattr(self.parent, self.attr, self.wrapper if on else self.base)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for name in self.wrapper.adapter_layer_names
-                for p in getattr(self.wrapper, name).parameters()]
+        return adapter_parameters(self.wrapper)
 
 
 #: One adapted target: an ordinary wrapped module, or one part of a fused attention.
@@ -89,7 +58,6 @@ class Adapters:
         self.network = network
         self.layers = layers
         self.targets = [layer.target for layer in layers]
-        self._installed = True
         self._removed = False
 
     def parameters_for(self, part: str) -> list[torch.nn.Parameter]:
@@ -99,27 +67,9 @@ class Adapters:
     def remove(self) -> None:
         """Put the original module objects back. Safe to call more than once."""
         if not self._removed:
-            self._install(False)
+            for layer in reversed(self.layers):
+                layer.install(False)
             self._removed = True
-
-    @contextlib.contextmanager
-    def enabled(self, on: bool) -> Iterator[None]:
-        """Run the block with the adapters in place (True) or with the original modules (False),
-        e.g. for a "no LoRA" comparison render; the previous state comes back afterwards."""
-        if self._removed:
-            raise RuntimeError("adapters were removed")
-        before = self._installed
-        self._install(on)
-        try:
-            yield
-        finally:
-            if not self._removed:  # remove() inside the block wins
-                self._install(before)
-
-    def _install(self, on: bool) -> None:
-        for layer in reversed(self.layers):
-            layer.install(on)
-        self._installed = on
 
 
 def rank_alpha(module: torch.nn.Module, config: TrainConfig) -> tuple[int, float]:
@@ -129,19 +79,17 @@ def rank_alpha(module: torch.nn.Module, config: TrainConfig) -> tuple[int, float
     return config.rank, config.alpha
 
 
-def _wrap(module: torch.nn.Module, network: str, rank: int, alpha: float) -> BaseTunerLayer:
-    conv = isinstance(module, torch.nn.Conv2d)
-    if network in ("lora", "locon"):
-        cls = lora.Conv2d if conv else lora.Linear
-        return cls(module, ADAPTER, r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True)
-    lycoris = dict(adapter_name=ADAPTER, r=rank, alpha=alpha, rank_dropout=0.0, module_dropout=0.0,
-                   init_weights=True, use_effective_conv2d=False)
-    if network == "loha":
-        return (LoHaConv2d if conv else LoHaLinear)(module, **lycoris)
-    if network == "lokr":
-        return (LoKrConv2d if conv else LoKrLinear)(module, decompose_both=False, decompose_factor=-1,
-                                                    **lycoris)
-    raise ValueError(f"unknown network type {network!r}")
+def create_layer(module: torch.nn.Module, network: networks.NetworkType, rank: int, alpha: float) -> BaseTunerLayer:
+    """``network``'s peft layer around ``module``, its adapter weights trainable and fp32 (peft
+    gives them the base's dtype), its own parts in the base's train/eval mode."""
+    wrapper = network.create(module, rank, alpha)
+    for p in adapter_parameters(wrapper):
+        p.requires_grad_(True)
+    cast_training_params([getattr(wrapper, name) for name in wrapper.adapter_layer_names], torch.float32)
+    for part in wrapper.modules():
+        if part is not module:
+            part.training = module.training
+    return wrapper
 
 
 def _adapt(model: torch.nn.Module, target: Target, config: TrainConfig) -> AdaptedLayer:
@@ -153,31 +101,45 @@ def _adapt(model: torch.nn.Module, target: Target, config: TrainConfig) -> Adapt
     if type(base) not in (torch.nn.Linear, torch.nn.Conv2d):
         raise TypeError(f"{target.path}: cannot adapt a {type(base).__name__} (only Linear and Conv2d)")
     rank, alpha = rank_alpha(base, config)
-    wrapper = _wrap(base, config.network, rank, alpha)
-    for module in wrapper.modules():  # the wrapper's own parts follow the base's mode
-        if module is not base:
-            module.training = base.training
+    wrapper = create_layer(base, networks.get(config.network), rank, alpha)
     layer = AdaptedLayer(target, base, wrapper, parent, attr, rank, alpha)
-    for p in layer.parameters():  # peft cast them to the base dtype; training wants fp32
-        p.data = p.data.to(torch.float32)
-        p.requires_grad_(True)
     layer.install(True)
     return layer
+
+
+def _fused_refusal(network: networks.NetworkType) -> str:
+    return (f"{network.label} cannot train this text encoder (its q/k/v live in one fused attention layer): "
+            "turn 'train text encoder' off, or pick another network type")
+
+
+def network_problem(model: torch.nn.Module, config: TrainConfig) -> str:
+    """Why ``inject`` would refuse ``config.network`` on ``model`` ("" when it would not): a type
+    that cannot adapt fused attention with a text encoder that has it (SD2's, SDXL's OpenCLIP).
+    Lets a host say so before a run starts."""
+    network = networks.get(config.network)
+    if network.fused_attention or not config.train_text_encoder:
+        return ""
+    fused, _ = split_fused_targets(model, find_targets(model, config.network, train_text_encoder=True))
+    return _fused_refusal(network) if fused else ""
 
 
 def inject(model: torch.nn.Module, targets: list[Target], config: TrainConfig) -> Adapters:
     """Wrap every target of ``model`` with a fresh adapter of ``config.network``.
 
     Adapters start as kohya/peft do: the delta is exactly zero (LoRA's up, LoHa's w2_b and
-    LoKr's w1 are zeros). The q/k/v/out_proj targets of a fused ``nn.MultiheadAttention``
-    (SD2's text encoder) are adapted together by ``fused_attention``. If any target fails,
+    LoKr's w1 are zeros; DoRA's magnitude is the base's column norm). The q/k/v/out_proj
+    targets of a fused ``nn.MultiheadAttention`` (SD2's and SDXL's OpenCLIP text encoder) are
+    adapted together by ``fused_attention``, for the types that can. If any target fails,
     every module already wrapped is put back before the error propagates."""
+    network = networks.get(config.network)
     layers: list[Layer] = []
     try:
         fused, others = split_fused_targets(model, targets)
+        if fused and not network.fused_attention:
+            raise ValueError(_fused_refusal(network))
         for target in others:
             layers.append(_adapt(model, target, config))
-        wrap = functools.partial(_wrap, network=config.network, rank=config.rank, alpha=config.alpha)
+        wrap = functools.partial(create_layer, network=network, rank=config.rank, alpha=config.alpha)
         for path, parts in fused.items():
             layers += adapt_fused_attention(model, path, parts, wrap, config.rank, config.alpha)
     except BaseException:

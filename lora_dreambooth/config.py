@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
+from . import networks
+
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -60,7 +61,7 @@ class TrainConfig:
     network: str = "lora"
     rank: int = 32
     alpha: float = 32.0
-    conv_rank: int = 8  # LoCon/LoHa/LoKr convolution rank
+    conv_rank: int = 8  # convolution rank of the types that adapt convolutions (networks.conv_labels())
     conv_alpha: float = 8.0
     train_text_encoder: bool = False
     text_encoder_lr: float = 5e-5
@@ -73,6 +74,12 @@ class TrainConfig:
     buckets: bool = False
     augment: bool = False  # flip, small rotation, scale crops ("make one image four")
     flip: bool = False  # horizontal flip only (keeps the latent cache: both sides are cached)
+    # Caption tags (kohya's shuffle_caption, keep_tokens, caption_tag_dropout_rate): the first
+    # keep_tokens comma-separated tags (the trigger is the first) stay in place and are never
+    # dropped; the others are shuffled / dropped anew each time a caption is used
+    shuffle_tags: bool = False
+    keep_tokens: int = 1
+    tag_dropout: float = 0.0
     # Numerics
     seed: int = 1
     precision: str = "auto"
@@ -95,7 +102,6 @@ class TrainConfig:
     resume_from: str = ""
     resume_optimizer: str = ""
     comment: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def output_name(self) -> str:
@@ -144,9 +150,11 @@ class TrainConfig:
         _range(p, "preview steps", self.preview_steps, 1, 150)
         _range(p, "preview CFG scale", self.preview_cfg, 1, 30)
         _range(p, "save every", self.save_every, 0, 100_000)
+        _range(p, "keep tokens (tags kept in place, the trigger first)", self.keep_tokens, 0, 100)
+        _range(p, "tag dropout", self.tag_dropout, 0, 1)
         if not isinstance(self.resolution, int) or self.resolution % 64 or not 64 <= self.resolution <= 2048:
             p.append("resolution must be a multiple of 64 between 64 and 2048")
-        _choice(p, "network type", self.network, NETWORK_TYPES)
+        _choice(p, "network type", self.network, networks.NAMES)
         _choice(p, "LR schedule", self.lr_schedule, LR_SCHEDULES)
         _choice(p, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(p, "precision", self.precision, PRECISIONS)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import networks
 from .config import TrainConfig
 from .train import Progress, TrainCallbacks, train_lora
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_dreambooth demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the LoRA file, sidecar and previews")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--network", default="lora", choices=("lora", "locon", "loha", "lokr"))
+    parser.add_argument("--network", default="lora", choices=networks.NAMES)
     parser.add_argument("--name", default="wpg")
     args = parser.parse_args(argv)
 

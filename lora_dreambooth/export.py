@@ -1,12 +1,8 @@
 """The trained adapter as a kohya-format ``.safetensors`` file A1111's Lora loader applies
 exactly, plus the ``<name>.json`` sidecar its card reads. Every file appears atomically.
 
-What A1111 1.10.1 computes from the tensors (``tests/a1111_lora.py`` re-implements it):
-LoRA ``up @ down × alpha/rank``; LoHa ``(w1a@w1b) ⊙ (w2a@w2b) × alpha/rank``; LoKr
-``kron(w1, w2)`` × alpha/rank *only* when w1 or w2 is decomposed. peft trains the same
-formulas for LoRA and LoHa, so their tensors and alpha are written as they are. peft 0.13.2's
-LoKr never applies alpha/r, so the file's alpha is the rank: A1111's scale is then 1 (and
-ignored anyway when both factors are full), which is what was trained.
+Which tensors a layer's adapter writes, and its alpha, is its network type's (``networks/``):
+each is what A1111 1.10.1 applies exactly (``tests/a1111_lora.py`` re-implements its loader).
 """
 from __future__ import annotations
 
@@ -23,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import safetensors.torch
 import torch
 
-from .adapters import ADAPTER, Adapters, Layer
+from . import networks
+from .adapters import Adapters, Layer
 from .config import TrainConfig, name_problem
 
 if TYPE_CHECKING:
@@ -50,35 +47,24 @@ class ExportResult:
     name: str
 
 
-def file_alpha(layer: Layer, network: str) -> float:
-    """The ``.alpha`` to write so that A1111's scale equals the one peft trained with."""
-    return float(layer.rank) if network == "lokr" else float(layer.alpha)
-
-
 def layer_tensors(layer: Layer, network: str) -> dict[str, torch.nn.Parameter]:
     """kohya suffix → the adapter's own parameter (what the file holds for this layer, and
     what a resumed run loads back into)."""
-    wrapper = layer.wrapper
-    if network in ("lora", "locon"):
-        # peft's lora_A/lora_B are kohya's lora_down/lora_up with the same shapes (4-D for
-        # convolutions, 1×1 up). Never write lora_A/lora_B names: A1111 drops alpha for them.
-        return {"lora_down.weight": wrapper.lora_A[ADAPTER].weight,
-                "lora_up.weight": wrapper.lora_B[ADAPTER].weight}
-    # peft's LoHa/LoKr parameter names (hada_w1_a, lokr_w2_b, ...) are the kohya suffixes,
-    # with the same layouts (verified against A1111's calc_updown in tests/test_export.py).
-    return {name: getattr(wrapper, name)[ADAPTER] for name in wrapper.adapter_layer_names
-            if ADAPTER in getattr(wrapper, name)}
+    return networks.get(network).tensors(layer.wrapper)
 
 
 def kohya_tensors(adapters: Adapters, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """``<kohya_name>.<suffix>`` → CPU tensor in ``dtype``; ``.alpha`` stays a float32 scalar
-    so the scale A1111 computes is exact for any alpha."""
+    so the scale A1111 computes is exact for any alpha, and the type's ``fp32_tensors`` stay
+    float32 too."""
+    network = networks.get(adapters.network)
     tensors: dict[str, torch.Tensor] = {}
     for layer in adapters.layers:
         prefix = layer.target.kohya_name
         for suffix, t in layer_tensors(layer, adapters.network).items():
-            tensors[f"{prefix}.{suffix}"] = t.detach().to("cpu", dtype).contiguous()
-        tensors[f"{prefix}.alpha"] = torch.tensor(file_alpha(layer, adapters.network), dtype=torch.float32)
+            kept = torch.float32 if suffix in network.fp32_tensors else dtype
+            tensors[f"{prefix}.{suffix}"] = t.detach().to("cpu", kept).contiguous()
+        tensors[f"{prefix}.alpha"] = torch.tensor(network.file_alpha(layer.rank, layer.alpha), dtype=torch.float32)
     return tensors
 
 
@@ -136,7 +122,8 @@ def _write_bytes(data: bytes) -> Callable[[str], None]:
     return write
 
 
-def _png_base64(image: "Image.Image") -> str:
+def png_base64(image: "Image.Image") -> str:
+    """A PNG of ``image`` as base64 text (the cover image's metadata, the API's images)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -156,7 +143,8 @@ def describe(config: TrainConfig, steps_done: int) -> str:
     te = f"text encoder lr {config.text_encoder_lr:g}" if config.train_text_encoder else "text encoder frozen"
     reg = (f"regularization {config.regularization:g} with '{config.class_prompt}'"
            if config.prior_preservation else "no regularization")
-    alphas = ("alpha not applied (LoKr)" if config.network == "lokr"
+    network = networks.get(config.network)
+    alphas = (f"alpha not applied ({network.label})" if not network.applies_alpha
               else f"alpha {config.alpha:g}, conv alpha {config.conv_alpha:g}")
     pivotal = (f", pivotal tuning: embedding '{config.trigger.strip()}' bundled, lr {config.embedding_lr:g}"
                if config.pivotal else "")
@@ -174,16 +162,14 @@ def lora_metadata(adapters: Adapters, config: TrainConfig, name: str, *, sd_vers
     """kohya's ``ss_*`` and SAI ``modelspec.*`` fields, all strings. ``extra_metadata`` is
     added first, so it cannot override these (``sshs_model_hash`` is added by ``save_lora``)."""
     base_version, v2, architecture, _ = version_info(sd_version)
-    lokr = adapters.network == "lokr"
-    alpha = config.rank if lokr else config.alpha
-    conv_alpha = config.conv_rank if lokr else config.conv_alpha
+    network = networks.get(adapters.network)
     te_lr = config.text_encoder_lr if config.train_text_encoder else 0.0
     meta: dict[str, Any] = dict(extra_metadata or {})
     meta.update({
         "ss_output_name": name,
-        "ss_network_module": "networks.lora" if adapters.network == "lora" else "lycoris.kohya",
+        "ss_network_module": network.module,
         "ss_network_dim": config.rank,
-        "ss_network_alpha": float(alpha),
+        "ss_network_alpha": network.file_alpha(config.rank, config.alpha),
         "ss_base_model_version": base_version,
         "ss_v2": v2,
         "ss_resolution": f"({config.resolution}, {config.resolution})",
@@ -204,6 +190,9 @@ def lora_metadata(adapters: Adapters, config: TrainConfig, name: str, *, sd_vers
         "ss_min_snr_gamma": config.min_snr_gamma,
         "ss_noise_offset": config.noise_offset,
         "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_shuffle_caption": config.shuffle_tags,
+        "ss_keep_tokens": config.keep_tokens,
+        "ss_caption_tag_dropout_rate": config.tag_dropout,
         "ss_training_comment": config.comment,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{architecture}/lora",
@@ -214,11 +203,11 @@ def lora_metadata(adapters: Adapters, config: TrainConfig, name: str, *, sd_vers
         "modelspec.date": datetime.datetime.now().isoformat(timespec="seconds"),
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
     })
-    if adapters.network != "lora":
-        meta["ss_network_args"] = json.dumps({"algo": adapters.network, "conv_dim": str(config.conv_rank),
-                                              "conv_alpha": str(float(conv_alpha))})
+    network_args = network.network_args(config.conv_rank, config.conv_alpha)
+    if network_args:
+        meta["ss_network_args"] = json.dumps(network_args)
     if cover_image is not None:
-        meta["ssmd_cover_images"] = json.dumps([_png_base64(cover_image)])
+        meta["ssmd_cover_images"] = json.dumps([png_base64(cover_image)])
     return {key: str(value) for key, value in meta.items()}
 
 

@@ -22,12 +22,14 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .networks.base import adapter_parameters
 from .targets import Target, fused_qkv_index
 
 #: kohya's suffixes for the four parts of one fused attention, in ``in_proj`` row order.
 PARTS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-#: Builds the peft layer (LoRA/LoHa/LoKr ``Linear``) around one slice's ``nn.Linear``.
+#: Builds the peft layer (its network type's ``Linear``, fp32 adapter weights) around one slice's
+#: ``nn.Linear``.
 WrapLinear = Callable[[nn.Linear], BaseTunerLayer]
 
 
@@ -41,7 +43,9 @@ class FusedAttentionAdapter(nn.Module):
     fp16 model; the cast passes gradients through unchanged. Zero deltas give the base's
     output bit for bit without autograd; with autograd on, torch's matmul may fold the batch
     differently for a weight that requires grad (same sums, different rounding).
-    Adapter parameters are fp32 and trainable; the base is not touched.
+    Adapter parameters are what ``wrap`` makes them (``adapters.create_layer``: fp32 and
+    trainable); the base is not touched. Network types whose peft layer is more than its
+    ``get_delta_weight`` (DoRA's magnitude) cannot be used here (``NetworkType.fused_attention``).
 
     A1111's patched forward restores a deactivated LoRA's backup *lazily* into whatever
     ``in_proj_weight`` it sees, which here is the swapped-in tensor: A1111's networks must be
@@ -60,9 +64,6 @@ class FusedAttentionAdapter(nn.Module):
         self.training = base_layer.training  # the new modules follow the base's train/eval mode
         for module in self.parts.modules():
             module.training = base_layer.training
-        for p in self.adapter_parameters():  # peft cast them to the base dtype; training wants fp32
-            p.data = p.data.to(torch.float32)
-            p.requires_grad_(True)
 
     def adapter_layers(self) -> dict[str, BaseTunerLayer]:
         """``"q_proj"``/``"k_proj"``/``"v_proj"``/``"out_proj"`` → that slice's peft layer."""
@@ -70,8 +71,7 @@ class FusedAttentionAdapter(nn.Module):
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable adapter weights of all four parts (not the base's weights)."""
-        return [p for layer in self.parts.values() for name in layer.adapter_layer_names
-                for p in getattr(layer, name).parameters()]
+        return [p for layer in self.parts.values() for p in adapter_parameters(layer)]
 
     def deltas(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``(Δin_proj (3d, d), Δout_proj (d, d))``: what A1111 adds to the weights."""
@@ -127,8 +127,7 @@ class FusedSlice:
         setattr(self.parent, self.attr, self.adapter if on else self.attention)
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for name in self.wrapper.adapter_layer_names
-                for p in getattr(self.wrapper, name).parameters()]
+        return adapter_parameters(self.wrapper)
 
 
 def split_fused_targets(model: nn.Module, targets: list[Target]

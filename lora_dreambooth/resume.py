@@ -21,7 +21,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from . import export
+from . import export, networks, torch_compat
 from .adapters import Adapters
 from .config import TrainConfig
 from .embedding import Pivot, load_vectors
@@ -30,8 +30,6 @@ from .embedding import Pivot, load_vectors
 OPTIMIZER_FILE = "optimizer.safetensors"
 _FORMAT = "lora-dreambooth optimizer state 1"
 _BUNDLE = "bundle_emb."
-#: ss_network_module → network type (lycoris files name theirs in ss_network_args' "algo").
-_MODULES = {"networks.lora": "lora"}
 
 
 class ResumeError(ValueError):
@@ -92,40 +90,28 @@ def load_lora(source: ResumeSource, adapters: Adapters, pivot: Optional[Pivot], 
         load_vectors(pivot, source.tensors)
 
 
-def file_network(metadata: dict[str, str]) -> Optional[str]:
-    """The network type a file of ours records, or None when it does not say."""
-    module = metadata.get("ss_network_module", "")
-    if module in _MODULES:
-        return _MODULES[module]
-    try:
-        return json.loads(metadata.get("ss_network_args") or "{}").get("algo")
-    except ValueError:
-        return None
-
-
 def _settings_problems(metadata: dict[str, str], config: TrainConfig, sd_version: str) -> list[str]:
     """What the metadata says differs from the settings (skipped where it says nothing)."""
     problems: list[str] = []
     base = metadata.get("ss_base_model_version")
     if base and base != export.version_info(sd_version)[0]:
         problems.append(f"it was trained on {base}, the loaded model is {export.version_info(sd_version)[3]}")
-    network = file_network(metadata)
-    if network and network != config.network:
-        problems.append(f"it is a {network} network: set network type to {network}")
-    lokr = config.network == "lokr"
-    expected = {"ss_network_dim": (config.rank, "rank"),
-                "ss_network_alpha": (config.rank if lokr else config.alpha, "alpha")}
-    for key, (value, label) in expected.items():
-        if key in metadata and float(metadata[key]) != float(value):
-            problems.append(f"its {label} is {float(metadata[key]):g}: set {label} to {float(metadata[key]):g}"
-                            + (" (LoKr files record alpha = rank)" if lokr and label == "alpha" else ""))
-    if config.network != "lora" and metadata.get("ss_network_args"):
-        args = json.loads(metadata["ss_network_args"])
-        for key, value, label in (("conv_dim", config.conv_rank, "convolution rank"),
-                                  ("conv_alpha", config.conv_rank if lokr else config.conv_alpha,
-                                   "convolution alpha")):
-            if key in args and float(args[key]) != float(value):
-                problems.append(f"its {label} is {float(args[key]):g}: set {label} to {float(args[key]):g}")
+    recorded = networks.from_metadata(metadata)
+    if recorded and recorded.name != config.network:
+        problems.append(f"it is a {recorded.label} network: set network type to {recorded.name}")
+    network = networks.get(config.network)
+    note = "" if network.applies_alpha else f" ({network.label} files record alpha = rank)"
+    expected = {"ss_network_dim": (config.rank, "rank", ""),
+                "ss_network_alpha": (network.file_alpha(config.rank, config.alpha), "alpha", note)}
+    args = networks.file_args(metadata) if network.convs else {}
+    if network.convs:
+        expected.update({"conv_dim": (config.conv_rank, "convolution rank", ""),
+                         "conv_alpha": (network.file_alpha(config.conv_rank, config.conv_alpha),
+                                        "convolution alpha", note)})
+    for key, (value, label, hint) in expected.items():
+        have = metadata.get(key, args.get(key))
+        if have is not None and float(have) != float(value):
+            problems.append(f"its {label} is {float(have):g}: set {label} to {float(have):g}{hint}")
     return problems
 
 
@@ -187,7 +173,7 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramet
 
 
 def save_state(path: str, optimizer: torch.optim.Optimizer, names: dict[int, str], step: int,
-               lora_hash: str, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+               lora_hash: str, scaler: Optional[torch_compat.GradScaler] = None) -> None:
     """Write the training state (atomically): ``param/<name>`` fp32 weights,
     ``state/<key>/<name>`` optimizer tensors; metadata: the step, the LoRA's hash, the
     optimizer class, non-tensor state values and the grad scaler's state, as JSON."""
@@ -205,12 +191,12 @@ def save_state(path: str, optimizer: torch.optim.Optimizer, names: dict[int, str
                 values[name][key] = value
     metadata = {"format": _FORMAT, "step": str(step), "lora_hash": lora_hash,
                 "optimizer": type(optimizer).__name__, "state": json.dumps(values),
-                "scaler": json.dumps(scaler.state_dict() if scaler is not None else None)}
+                "scaler": json.dumps(torch_compat.scaler_state(scaler))}
     export.atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata))
 
 
 def load_state(path: str, optimizer: torch.optim.Optimizer, names: dict[int, str], lora_hash: str,
-               scaler: Optional[torch.amp.GradScaler] = None) -> int:
+               scaler: Optional[torch_compat.GradScaler] = None) -> int:
     """Put a saved training state into ``optimizer`` (whose parameters hold the LoRA just
     loaded) and the exact fp32 weights into its parameters; returns the step. Raises
     :class:`ResumeError` when the state is not the one of that LoRA or of these parameters.
@@ -237,16 +223,15 @@ def load_state(path: str, optimizer: torch.optim.Optimizer, names: dict[int, str
     state = {}
     for index, param in enumerate(params):
         name = names[id(param)]
-        state[index] = {key: tensors[f"state/{key}/{name}"] if value is None else value
-                        for key, value in values[name].items()}
+        if values[name]:  # a parameter never stepped has none (torch 2.1.2 fails on an empty one)
+            state[index] = {key: tensors[f"state/{key}/{name}"] if value is None else value
+                            for key, value in values[name].items()}
     current = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
     with torch.no_grad():
         for param in params:
             param.copy_(tensors[f"param/{names[id(param)]}"].to(param.dtype))
-    saved_scaler = json.loads(metadata.get("scaler") or "null")
-    if scaler is not None and saved_scaler is not None:
-        scaler.load_state_dict(saved_scaler)
+    torch_compat.load_scaler_state(scaler, json.loads(metadata.get("scaler") or "null"))
     return int(metadata["step"])
 
 
@@ -270,5 +255,5 @@ def find_state(lora_path: str, run_root: str) -> Optional[str]:
     return None
 
 
-__all__ = ["OPTIMIZER_FILE", "ResumeError", "ResumeSource", "read_lora", "load_lora", "file_network",
+__all__ = ["OPTIMIZER_FILE", "ResumeError", "ResumeSource", "read_lora", "load_lora",
            "trainable_names", "save_state", "load_state", "lora_hash_of_state", "find_state"]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import networks
+
 
 @dataclass(frozen=True)
 class Target:
@@ -43,8 +45,6 @@ class Target:
     locon_only: bool = False
 
 
-NETWORKS = ("lora", "locon", "loha", "lokr")
-
 #: ldm ResBlock child → diffusers ResnetBlock2D child (the only Linear/Conv2d it has).
 _RESBLOCK_NAMES = {
     "in_layers.2": "conv1",
@@ -63,10 +63,11 @@ def find_targets(model: nn.Module, network: str = "lora",
     """The modules kohya sd-scripts adapts in an ldm ``LatentDiffusion`` (SD1 or SD2) or an
     sgm ``DiffusionEngine`` (SDXL base).
 
-    network "lora": every Linear and 1×1 Conv2d inside the UNet's SpatialTransformers.
-    "locon"/"loha"/"lokr" add the ResBlock Linear/Conv2d modules and the down/up-sample
-    convolutions (``locon_only=True``). With ``train_text_encoder`` the text encoder's
-    attention projections and MLP layers are added (``part="te"``).
+    Every network type adapts each Linear and 1×1 Conv2d inside the UNet's SpatialTransformers;
+    the types with ``convs`` (``networks``: LoCon, LoHa, LoKr, DoRA) add the ResBlock
+    Linear/Conv2d modules and the down/up-sample convolutions (``locon_only=True``). With
+    ``train_text_encoder`` the text encoder's attention projections and MLP layers are added
+    (``part="te"``).
 
     SD2 text encoder (OpenCLIP): q/k/v live in one fused ``nn.MultiheadAttention.in_proj``,
     so the three q/k/v targets of a layer share the path of that ``MultiheadAttention``;
@@ -78,8 +79,7 @@ def find_targets(model: nn.Module, network: str = "lora",
     layer, which the "hidden" conditioning skips, is adapted by kohya too and simply gets no
     gradient). te2's attention is fused like SD2's.
     """
-    if network not in NETWORKS:
-        raise ValueError(f"unknown network type {network!r}; expected one of {', '.join(NETWORKS)}")
+    convs = networks.get(network).convs
     unet = model.get_submodule("model.diffusion_model")
     if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
         targets = _compvis_unet_targets(unet, "model.diffusion_model")
@@ -89,7 +89,7 @@ def find_targets(model: nn.Module, network: str = "lora",
     else:
         targets = _unet_targets(unet, "model.diffusion_model")
         te_targets = _te_targets(model) if train_text_encoder else []
-    if network == "lora":
+    if not convs:
         targets = [t for t in targets if not t.locon_only]
     return targets + te_targets if train_text_encoder else targets
 
@@ -319,4 +319,4 @@ def _openclip_targets(transformer: nn.Module, path: str, prefix: str, skipped: i
     return out
 
 
-__all__ = ["Target", "NETWORKS", "find_targets", "fused_qkv_index"]
+__all__ = ["Target", "find_targets", "fused_qkv_index"]

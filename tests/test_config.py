@@ -11,7 +11,7 @@ def test_defaults_are_valid():
 
 
 def test_every_problem_is_reported_at_once():
-    config = TrainConfig(trigger="  ", rank=0, steps=0, learning_rate=5.0, network="dora",
+    config = TrainConfig(trigger="  ", rank=0, steps=0, learning_rate=5.0, network="glora",
                          resolution=500, regularization=0.5, class_prompt="")
     with pytest.raises(ConfigError) as caught:
         config.validate()
@@ -49,6 +49,9 @@ def test_from_dict_coerces_and_rejects_unknown_and_bad_types():
     with pytest.raises(ConfigError) as caught:
         TrainConfig.from_dict({"trigger": "wpg", "stepz": 3, "rank": "many", "steps": 2.5})
     assert caught.value.problems == ["unknown setting 'stepz'"]
+    with pytest.raises(ConfigError) as caught:  # no untyped catch-all field
+        TrainConfig.from_dict({"trigger": "wpg", "extra": {"anything": 1}})
+    assert caught.value.problems == ["unknown setting 'extra'"]
     with pytest.raises(ConfigError) as caught:
         TrainConfig.from_dict({"rank": "many", "steps": 2.5})
     assert len(caught.value.problems) == 2

@@ -60,6 +60,8 @@ def test_stand_in_reproduces_every_golden_case():
     info, tensors = _golden_cases()
     assert info["a1111_version"] == "v1.10.1" and info["multiplier"] == 1.0
     assert set(info["cases"]) == set(tensors) and len(tensors) == 16
+    # DoRA's per-input-column rule (case08 Linear, case08b Conv 3×3) is among them.
+    assert sorted(case for case, t in tensors.items() if "w.dora_scale" in t) == ["case08", "case08b"]
     for case, t in tensors.items():
         weights = {k[2:]: v for k, v in t.items() if k.startswith("w.")}
         assert set(weights) == set(info["cases"][case]["keys_in_lora_file"]), case
@@ -137,6 +139,8 @@ EXACT_CASES = {
     "lokr-full": (dict(rank=8, alpha=2.0, conv_rank=16, conv_alpha=4.0), [TO_Q, FF_OUT, PROJ_IN, CONV3, DOWN]),
     # ... rank 1-2: decomposed lokr_w2_a/_b (A1111 applies alpha/rank).
     "lokr-decomposed": (dict(rank=2, alpha=7.0, conv_rank=1, conv_alpha=5.0), [TO_Q, FF_OUT, PROJ_IN, CONV3, DOWN]),
+    "dora": (dict(rank=4, alpha=2.0, conv_rank=3, conv_alpha=1.5), [TO_Q, CROSS_K, FF_OUT, PROJ_IN, SKIP, CONV3, DOWN,
+                                                                   TE_Q]),
 }
 
 
@@ -337,7 +341,7 @@ def test_sd2_fused_text_encoder_is_exact_in_a1111(network):
     """SD2's OpenCLIP attention: A1111 adds cat(Δq, Δk, Δv) to in_proj_weight and Δout to
     out_proj.weight, each Δ computed from our q/k/v/out_proj tensors like any Linear's."""
     from lora_dreambooth.fused_attention import PARTS, FusedSlice
-    from lora_dreambooth.tiny import build_tiny_sd2
+    from tiny_models import build_tiny_sd2
     model = build_tiny_sd2(seed=0)
     before = state_hash(model)
     prompts = ["a photo of sks", ""]

@@ -105,10 +105,19 @@ def test_two_plus_two_steps_are_four_steps_bit_for_bit(tiny_sd1, images, tmp_pat
     first = run(twin, config(images, steps=2, **common), tmp_path / "first")  # fp16 file
     state = resume.find_state(first.path, str(tmp_path / "first"))
     assert state == str(tmp_path / "first" / "run" / resume.OPTIMIZER_FILE)
-    messages = []
-    second = run(twin, config(images, steps=2, save_dtype="fp32", resume_from=first.path, resume_optimizer=state,
-                              **common), tmp_path / "second", callbacks=TrainCallbacks(on_log=messages.append))
+    messages, encodes = [], []
+    hook = twin.first_stage_model.encoder.register_forward_hook(lambda *args: encodes.append(1))
+    try:
+        second = run(twin, config(images, steps=2, save_dtype="fp32", resume_from=first.path,
+                                  resume_optimizer=state, **common),
+                     tmp_path / "second", callbacks=TrainCallbacks(on_log=messages.append))
+    finally:
+        hook.remove()
     assert f"optimizer state of step 2 loaded from {state}" in messages
+    # The replay of steps 1-2 runs no VAE: augmented images are encoded only for steps 3-4
+    # (2 micro-batches each); cached ones once per image variant, before training.
+    if case != "cached":
+        assert len(encodes) == 2 * 2
     assert first.losses + second.losses == straight.losses
     a, b = load_file(straight.path), load_file(second.path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -147,7 +156,7 @@ def lora_file(tiny_sd1, images, tmp_path_factory) -> str:
 @pytest.mark.parametrize("changes, message", [
     (dict(rank=8), "its rank is 4: set rank to 4"),
     (dict(alpha=2.0), "its alpha is 4: set alpha to 4"),
-    (dict(network="loha"), "it is a lora network: set network type to lora"),
+    (dict(network="loha"), "it is a LoRA network: set network type to lora"),
     (dict(train_text_encoder=True),
      "has no tensors for 12 of what these settings train .*turn 'train text encoder' off"),
     (dict(pivotal=True), "no bundled embedding for this trigger"),

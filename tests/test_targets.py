@@ -156,11 +156,11 @@ def test_sd15_counts_and_network_kinds(sd15_parts) -> None:
     assert len(lora) == 192 and all(t.part == "unet" and not t.locon_only for t in lora)
     locon = find_targets(model, "locon")
     assert len(locon) == 278 and sum(t.locon_only for t in locon) == 86
-    for network in ("loha", "lokr"):
+    for network in ("loha", "lokr", "dora"):
         assert find_targets(model, network) == locon
     assert len(find_targets(model, "lora", train_text_encoder=True)) == 264
     with pytest.raises(ValueError, match="network type"):
-        find_targets(model, "dora")
+        find_targets(model, "glora")
 
 
 @pytest.mark.parametrize("wrapped", [True, False], ids=["a1111", "plain"])

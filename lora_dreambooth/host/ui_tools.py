@@ -10,14 +10,13 @@ tokenizes and skips the queue."""
 from __future__ import annotations
 
 import html
-import json
 from typing import Any, Optional
 
 import gradio as gr
 from modules import call_queue, shared
 from modules.ui_components import FormRow, ToolButton
 
-from .. import resume
+from .. import networks, resume
 from ..grid import DEFAULT_PROMPTS, DEFAULT_WEIGHTS, Grid, GridRequest
 from . import a1111, contamination, paths, token_check
 from .job import TrainingJob
@@ -27,7 +26,7 @@ BUSY = "A training run is active: wait for it or cancel it."
 NO_RESUME = "none"
 
 
-def _problems_html(problems: list[str], what: str = "rendered") -> str:
+def problems_html(problems: list[str], what: str = "rendered") -> str:
     items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
     return f"<div class='error'><p>Nothing was {what}:</p><ul>{items}</ul></div>"
 
@@ -96,14 +95,14 @@ class TriggerCheck:
     def render(self, id_task: str, trigger: str, class_word: str, negative: str, seed, steps, cfg,
                resolution) -> tuple:
         if shared.sd_model is None:
-            return gr.update(), _problems_html([a1111.NO_MODEL])
+            return gr.update(), problems_html([a1111.NO_MODEL])
         if self.job.active:
-            return gr.update(), _problems_html([BUSY])
+            return gr.update(), problems_html([BUSY])
         try:
             request = token_check.PriorRequest(trigger, class_word, negative, int(seed), int(steps), float(cfg),
                                                int(resolution))
         except (TypeError, ValueError):
-            return gr.update(), _problems_html(["Enter numbers for seed, steps, CFG and resolution."])
+            return gr.update(), problems_html(["Enter numbers for seed, steps, CFG and resolution."])
         shown = token_check.render_prior(request)
         return [(image, caption) for image, caption in shown], ""
 
@@ -172,7 +171,7 @@ class GridSection:
     def render(self, id_task: str, lora: str, trigger: str, class_word: str, prompts: str, weights: str, seed,
                negative: str, steps, cfg, resolution) -> tuple:
         if self.job.active:
-            return gr.update(), gr.update(), _problems_html([BUSY])
+            return gr.update(), gr.update(), problems_html([BUSY])
         request = GridRequest(lora=lora or "", trigger=trigger or "", class_word=class_word or "",
                               prompts=parse_prompts(prompts), seed=_number(seed, int),
                               weights=parse_weights(weights), negative_prompt=negative or "",
@@ -180,7 +179,7 @@ class GridSection:
                               resolution=_number(resolution, int))
         problems = contamination.request_problems(request)
         if problems:
-            return gr.update(), gr.update(), _problems_html(problems)
+            return gr.update(), gr.update(), problems_html(problems)
         outcome = contamination.run(request, self.job.status())
         if outcome.grid is None:
             return gr.update(), f"<p>{html.escape(outcome.message)}</p>", ""
@@ -213,15 +212,13 @@ def resume_summary(source: resume.ResumeSource, state: str) -> str:
     """What the file was trained with (the settings a resume must repeat), its steps and the
     optimizer state found for it, as one paragraph."""
     meta = source.metadata
-    network = resume.file_network(meta) or "?"
-    parts = [f"{source.steps} steps", f"network type {network}", f"rank {_metadata_number(meta, 'ss_network_dim')}",
-             f"alpha {_metadata_number(meta, 'ss_network_alpha')}"]
-    if network != "lora":
-        try:
-            args = json.loads(meta.get("ss_network_args") or "{}")
-            parts.append(f"convolution rank {args['conv_dim']}, alpha {float(args['conv_alpha']):g}")
-        except (ValueError, KeyError, TypeError):
-            pass
+    network = networks.from_metadata(meta)
+    parts = [f"{source.steps} steps", f"network type {network.name if network else '?'}",
+             f"rank {_metadata_number(meta, 'ss_network_dim')}", f"alpha {_metadata_number(meta, 'ss_network_alpha')}"]
+    args = networks.file_args(meta)
+    if network and network.convs and {"conv_dim", "conv_alpha"} <= args.keys():
+        parts.append(f"convolution rank {_metadata_number(args, 'conv_dim')}, "
+                     f"alpha {_metadata_number(args, 'conv_alpha')}")
     parts.append("text encoder trained" if meta.get("ss_network_train_unet_only") == "False"
                  else "text encoder not trained")
     embeddings = sorted({key.split(".")[1] for key in source.tensors if key.startswith("bundle_emb.")})
@@ -323,14 +320,14 @@ class IntermediatesSection:
     def promote(self, file: Optional[str], name: str, overwrite: bool) -> tuple:
         unchanged = (gr.update(), gr.update())
         if self.job.active:
-            return "", _problems_html([BUSY], "promoted"), *unchanged
+            return "", problems_html([BUSY], "promoted"), *unchanged
         if not file:
-            return "", _problems_html(["Pick an intermediate save first (🔄 lists the last run's)."],
+            return "", problems_html(["Pick an intermediate save first (🔄 lists the last run's)."],
                                       "promoted"), *unchanged
         try:
             result = self.job.promote(file, name or "", bool(overwrite))
         except ValueError as error:
-            return "", _problems_html([str(error)], "promoted"), *unchanged
+            return "", problems_html([str(error)], "promoted"), *unchanged
         loras = contamination.available_loras()
         return (f"<p>Saved {html.escape(result.path)}: prompt with "
                 f"<code>{html.escape(f'<lora:{result.name}:1>')}</code></p>", "",
