@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -28,13 +27,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lora_dreambooth.adapters import inject  # noqa: E402
+from bench.harness import bare_steps, loop_steps  # noqa: E402
 from lora_dreambooth.config import TrainConfig  # noqa: E402
 from lora_dreambooth.demo import draw_character, write_images  # noqa: E402
-from lora_dreambooth.model import make_backend  # noqa: E402
-from lora_dreambooth.targets import find_targets  # noqa: E402
-from lora_dreambooth.tiny import build_tiny_sd1, build_tiny_sdxl, write_tiny_clip  # noqa: E402
-from lora_dreambooth.train import TrainCallbacks, train_lora  # noqa: E402
+from lora_dreambooth.tiny import build_tiny_sd1, write_tiny_clip  # noqa: E402
+from tests.tiny_models import build_tiny_sdxl  # noqa: E402
 
 
 class PeakMemory:
@@ -96,64 +93,6 @@ class _Saved:
 
     def __del__(self) -> None:
         self.meter._release(self.key)
-
-
-def bare_steps(model, config: TrainConfig, steps: int) -> list[float]:
-    """The floor: the same adapters, fixed latents and conditioning, nothing else."""
-    backend = make_backend(model)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(False)
-    adapters = inject(model, find_targets(model, config.network, False), config)
-    try:
-        optimizer = torch.optim.AdamW(adapters.parameters_for("unet"), lr=config.learning_rate)
-        size = config.resolution // 8
-        latents = torch.randn(config.batch_size, 4, size, size, device=backend.device)
-        with torch.no_grad():
-            cond = backend.encode_prompts([config.trigger] * config.batch_size)
-        times = []
-        with backend.gradient_checkpointing(config.gradient_checkpointing):
-            for _ in range(steps):
-                started = time.perf_counter()
-                noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, 1000, (config.batch_size,), device=backend.device)
-                prediction = backend.predict(latents + noise, timesteps, cond)
-                torch.nn.functional.mse_loss(prediction.float(), noise).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                _sync(backend.device)
-                times.append(time.perf_counter() - started)
-        return times
-    finally:
-        adapters.remove()
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-
-
-def loop_steps(model, config: TrainConfig, work: str) -> list[float]:
-    """Our loop, timed between consecutive progress callbacks."""
-    stamps: list[float] = []
-    device = make_backend(model).device
-
-    def on_progress(progress) -> None:
-        if progress.phase == "training":
-            _sync(device)
-            stamps.append(time.perf_counter())
-
-    def on_caching_done(progress) -> None:
-        if progress.phase == "caching":
-            stamps.clear()
-            stamps.append(time.perf_counter())
-        else:
-            on_progress(progress)
-
-    train_lora(model, config, os.path.join(work, "lora"), os.path.join(work, "run"),
-               TrainCallbacks(on_progress=on_caching_done))
-    return [b - a for a, b in zip(stamps, stamps[1:])]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def build_model(family: str, sd15_widths: bool, work: str):

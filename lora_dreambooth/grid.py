@@ -30,7 +30,8 @@ MAX_PROMPTS = 8
 MAX_WEIGHTS = 4
 LABEL_WIDTH = 200   # left column: the row's prompt and its "moved" number
 HEADER_HEIGHT = 24  # top row: the column's weight
-_EXTRA_NETWORK = re.compile(r"<\w+:[^>]+>")
+#: A1111's extra-network syntax (``<lora:name:1>``, ``<hypernet:…>``), with the spaces before it.
+EXTRA_NETWORK = re.compile(r"\s*<\w+:[^>]+>")
 
 #: (prompt, LoRA weight or None for no LoRA) → image, or None when the user interrupted.
 RenderCell = Callable[[str, Optional[float]], Optional[Image.Image]]
@@ -65,7 +66,7 @@ class GridRequest:
             p.append("prompts must be a list of strings")
         elif len(self.prompts) > MAX_PROMPTS:
             p.append(f"at most {MAX_PROMPTS} extra prompts")
-        elif any(_EXTRA_NETWORK.search(x) for x in self.prompts):
+        elif any(EXTRA_NETWORK.search(x) for x in self.prompts):
             p.append("prompts must not name extra networks (<lora:…>): the grid adds the LoRA itself")
         if not isinstance(self.weights, list) or not 1 <= len(self.weights) <= MAX_WEIGHTS or not all(
                 _is_number(w) and math.isfinite(w) and w != 0 and abs(w) <= 4 for w in self.weights):

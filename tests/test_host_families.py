@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from a1111_stub.harness import a1111, component, load_model_as_a1111, write_images  # noqa: F401
 from lora_dreambooth.guard import state_hash
-from lora_dreambooth.tiny import build_tiny_sd2, build_tiny_sdxl
+from tiny_models import build_tiny_sd2, build_tiny_sdxl
 from test_host_ui import start, tab, upload, written  # noqa: F401
 
 
@@ -69,7 +69,7 @@ def test_api_fills_unset_fields_with_the_family_defaults(a1111, loaded, tmp_path
     from lora_dreambooth.host import api
     folder = str(tmp_path / "in")
     write_images(folder, 2)
-    config, _, problems = api._prepare({"trigger": "wpg", "instance_dir": folder})
+    config, _, problems, _ = api._prepare({"trigger": "wpg", "instance_dir": folder})
     assert problems == [] and (config.resolution, config.rank, config.buckets) == (1024, 16, True)
-    config, _, _ = api._prepare({"trigger": "wpg", "instance_dir": folder, "resolution": 512})
+    config, _, _, _ = api._prepare({"trigger": "wpg", "instance_dir": folder, "resolution": 512})
     assert config.resolution == 512

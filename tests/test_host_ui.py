@@ -46,7 +46,7 @@ def test_tab_builds_with_every_control(a1111, tab):
     assert (tab.title, tab.id) == ("LoRA Train", "lora_train")
     for name in ui.FORM_FIELDS:
         component(tab.blocks, f"lora_train_{name}")
-    every_field = {f for f in TrainConfig.__dataclass_fields__} - {"instance_dir", "class_dir", "extra"}
+    every_field = {f for f in TrainConfig.__dataclass_fields__} - {"instance_dir", "class_dir"}
     assert set(ui.FORM_FIELDS) == every_field
     for control in ("instance_upload", "instance_add", "instance_delete", "instance_gallery", "instance_info",
                     "class_upload", "class_add", "class_delete", "class_count", "class_generate",
@@ -80,14 +80,29 @@ def test_uploads_sanitise_names_and_report_skipped_files(a1111, tab, tmp_path):
     text.write_text("hello")
     fake = tmp_path / "fake.png"
     fake.write_bytes(b"not really a png")
+    other = tmp_path / "other.png"
+    other.write_bytes(png_bytes((30, 20, 10)))
     out = upload(tab, "instance", [(str(good), "../../evil name?.png"), (str(text), "notes.txt"),
-                                   (str(fake), "fake.png"), (str(good), "good.png")])
+                                   (str(fake), "fake.png"), (str(other), "good.png")])
     assert written(tab.ws.instance_dir) == ["evil_name.png", "good.png"]
     assert f"2 images in {tab.ws.instance_dir}" in out["lora_train_instance_info"]
     assert "notes.txt" in out["lora_train_instance_info"] and "fake.png" in out["lora_train_instance_info"]
     assert len(out["lora_train_instance_gallery"]) == 2
     deleted = Event(tab.blocks, "lora_train_instance_delete")()
     assert written(tab.ws.instance_dir) == [] and deleted["lora_train_instance_gallery"] == []
+
+
+def test_the_same_picture_uploaded_twice_counts_once(a1111, tab, tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    first.write_bytes(png_bytes((10, 20, 30)))
+    second.write_bytes(png_bytes((30, 20, 10)))
+    out = upload(tab, "instance", [(str(first), "a.png"), (str(first), "copy of a.png")])
+    assert written(tab.ws.instance_dir) == ["a.png"]
+    assert "copy of a.png: the same picture as a.png: not added twice" in out["lora_train_instance_info"]
+    again = upload(tab, "instance", [(str(first), "renamed.png"), (str(second), "b.png")])  # a.png is there
+    assert written(tab.ws.instance_dir) == ["a.png", "b.png"]
+    assert "renamed.png: the same picture as a.png" in again["lora_train_instance_info"]
+    assert f"2 images in {tab.ws.instance_dir}" in again["lora_train_instance_info"]
 
 
 def test_start_trains_in_place_and_writes_lora_json_and_card(a1111, tab, tiny_sd1, monkeypatch):
@@ -146,10 +161,10 @@ def test_cancel_or_interrupt_stops_within_a_step_and_saves(a1111, tab, tiny_sd1,
             "stop": a1111.state.stop_generating}[how]
     real_train = job_module.train_lora
 
-    def train_and_stop_at_step_2(model, config, lora_dir, run_dir, callbacks):
+    def train_and_stop_at_step_2(model, config, lora_dir, run_dir, callbacks, **kwargs):
         on_progress = callbacks.on_progress
         callbacks.on_progress = lambda p: (on_progress(p), p.step == 2 and stop())
-        return real_train(model, config, lora_dir, run_dir, callbacks)
+        return real_train(model, config, lora_dir, run_dir, callbacks, **kwargs)
 
     monkeypatch.setattr(job_module, "train_lora", train_and_stop_at_step_2)
     out = start(tab, steps=6, preview_every=0)
@@ -157,6 +172,28 @@ def test_cancel_or_interrupt_stops_within_a_step_and_saves(a1111, tab, tiny_sd1,
     assert status.state == "cancelled" and status.step == 2
     assert "Cancelled after 2 steps" in out["lora_train_result"]
     assert written(a1111.lora_dir) == ["sks.json", "sks.safetensors"]
+
+
+def test_an_interrupted_preview_is_neither_kept_nor_the_card(a1111, tab, tiny_sd1, monkeypatch):
+    load_model_as_a1111(a1111.shared, tiny_sd1)
+    write_images(tab.ws.instance_dir, 2)
+    calls = []
+    real_process_images = a1111.processing.process_images
+
+    def interrupt_the_second_preview(p):
+        calls.append(p)
+        if len(calls) == 2:
+            a1111.state.interrupt()
+        return real_process_images(p)
+
+    monkeypatch.setattr(a1111.processing, "process_images", interrupt_the_second_preview)
+    out = start(tab, steps=6, preview_every=2)
+    status = tab.job.status()
+    assert status.state == "cancelled" and status.step == 4 and len(calls) == 2
+    assert [f for f in written(status.run_dir) if f.startswith("preview")] == ["preview-00002.png"]
+    assert len(out["lora_train_previews"]) == 1 and "preview at step 4 skipped (stopping)" in out["lora_train_log"]
+    card = Image.open(os.path.join(a1111.lora_dir, "sks.png"))
+    assert card.tobytes() == Image.open(os.path.join(status.run_dir, "preview-00002.png")).tobytes()
 
 
 def test_a_failure_restores_the_model_and_writes_nothing(a1111, tab, tiny_sd1, monkeypatch):
@@ -169,12 +206,12 @@ def test_a_failure_restores_the_model_and_writes_nothing(a1111, tab, tiny_sd1, m
     monkeypatch.setattr(a1111.devices, "torch_gc", lambda: gc_calls.append(1))
     real_train = job_module.train_lora
 
-    def train_and_fail(model, config, lora_dir, run_dir, callbacks):
+    def train_and_fail(model, config, lora_dir, run_dir, callbacks, **kwargs):
         def explode(progress):
             if progress.step == 2:
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         callbacks.on_progress = explode
-        return real_train(model, config, lora_dir, run_dir, callbacks)
+        return real_train(model, config, lora_dir, run_dir, callbacks, **kwargs)
 
     monkeypatch.setattr(job_module, "train_lora", train_and_fail)
     out = start(tab)
@@ -282,6 +319,20 @@ def test_reset_clears_dataset_class_images_and_log(a1111, tab, tiny_sd1):
     out = Event(tab.blocks, "lora_train_reset")()
     assert written(tab.ws.instance_dir) == written(tab.ws.class_dir) == []
     assert out["lora_train_log"] == "" and tab.job.status().state == "idle"
+
+
+def test_reset_is_refused_while_a_run_is_active_and_changes_nothing(a1111, tab):
+    import gradio as gr
+
+    write_images(tab.ws.instance_dir, 1)
+    assert tab.job.claim("busy", TrainConfig())  # a run is active
+    reset = Event(tab.blocks, "lora_train_reset")
+    result = reset.fn(*[c.value for c in reset.inputs])
+    assert len(result) == len(reset.outputs)  # one value per output, the refusal in the error area
+    out = reset()
+    assert "Cancel the running training first" in out["lora_train_error"]
+    assert all(value == gr.update() for key, value in out.items() if key != "lora_train_error")
+    assert len(written(tab.ws.instance_dir)) == 1
 
 
 def test_datasets_are_cleared_after_a_run_when_not_kept(a1111, tab, tiny_sd1):

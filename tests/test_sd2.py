@@ -8,7 +8,7 @@ import torch
 
 from lora_dreambooth.model import LdmBackend
 from lora_dreambooth.targets import find_targets, fused_qkv_index
-from lora_dreambooth.tiny import build_tiny_sd2
+from tiny_models import build_tiny_sd2
 
 
 @pytest.fixture(scope="module")

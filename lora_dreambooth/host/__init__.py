@@ -10,12 +10,14 @@ and files A1111's Lora loader picks up at once.
     a1111        model checks, deactivating A1111's merged LoRAs, Lora list refresh
     progress     engine progress → shared.state (progress bar, textinfo, live preview)
     render       txt2img through A1111's own processing (previews, class images)
-    files        uploads: sanitised names, image checks, atomic copies
+    files        uploads: sanitised names, image checks, duplicates skipped, atomic copies
     class_images "Generate N class images", reused while prompt and model are unchanged
     job          the one training job both the tab and the API run
+    headroom     whether the machine has room for A1111 to use the LoRA just trained
     token_check  how the loaded model's tokenizer reads a trigger; "Show prior" renders
     contamination  the contamination grid: txt2img with <lora:name:w>, model restored, saved
     ui           the tab
     ui_tools     the tab's trigger check and contamination grid section
+    ui_datasets  the tab's dataset tabs (upload, delete, class images) and epoch line
     api          /lora-train/v1/* routes
 """

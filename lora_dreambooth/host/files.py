@@ -1,11 +1,13 @@
 """Uploaded images: safe file names, image checks before anything is kept, atomic copies.
 
 A file is kept only if the engine's own reader (``data.load_image``) opens it, so what the
-tab and the API accept is exactly what training can use."""
+tab and the API accept is exactly what training can use. An upload with the same bytes as an
+image already in the folder (or earlier in the same upload) is skipped: it would count twice."""
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import re
 import shutil
@@ -63,19 +65,33 @@ def check_image(path: str, display_name: str) -> Optional[str]:
     return None
 
 
+def _digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def add_files(sources: Iterable[tuple[str, str]], folder: str) -> UploadReport:
-    """Copy each ``(path, original name)`` that is a readable image into ``folder`` under its
-    sanitised name; report the others with their reason."""
+    """Copy each ``(path, original name)`` that is a readable image, and not the same bytes as
+    an image in ``folder`` or one copied before it, into ``folder`` under its sanitised name;
+    report the others with their reason."""
     report = UploadReport()
     os.makedirs(folder, exist_ok=True)
+    kept = {_digest(image): os.path.basename(image) for image in list_images(folder)}
     for path, original in sources:
         name = sanitise_name(original)
         reason = check_image(path, name)
+        digest = None if reason else _digest(path)
+        if digest in kept:
+            reason = f"the same picture as {kept[digest]}: not added twice"
         if reason:
             report.skipped.append((os.path.basename(original) or name, reason))
             continue
         target = free_path(folder, name)
         atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
+        kept[digest] = os.path.basename(target)
         report.saved.append(target)
     return report
 
@@ -100,15 +116,18 @@ def _image_extension(payload: bytes) -> str:
     return ".png"
 
 
-def stage_base64_images(items: list, label: str) -> tuple[Optional[str], list[str]]:
+def stage_base64_images(items: list, label: str) -> tuple[Optional[str], list[str], list[str]]:
     """Decode and check every image of an API request in a private temp folder.
 
     Each item is a base64 string (named ``image-001.<type>``) or ``{"name", "data"}``.
-    Returns ``(temp folder, [])`` when every item is a usable image, else ``(None, problems)``
-    with the temp folder already removed: a refused request leaves nothing behind."""
+    Returns ``(temp folder, [], skipped)`` when every item is a usable image (``skipped``: the
+    items left out as the same picture as an earlier one), else ``(None, problems, [])`` with
+    the temp folder already removed: a refused request leaves nothing behind."""
     if not isinstance(items, list) or not items:
-        return None, [f"{label} must be a non-empty list of base64 images"]
+        return None, [f"{label} must be a non-empty list of base64 images"], []
     problems: list[str] = []
+    skipped: list[str] = []
+    seen: dict[str, str] = {}  # digest → the item's label
     staging = tempfile.mkdtemp(prefix="lora-train-upload-")
     try:
         for i, item in enumerate(items, start=1):
@@ -131,13 +150,19 @@ def stage_base64_images(items: list, label: str) -> tuple[Optional[str], list[st
             reason = check_image(path, safe)
             if reason:
                 problems.append(f"{label_i}: {reason}")
+                continue
+            digest = _digest(path)
+            if digest in seen:
+                os.remove(path)
+                skipped.append(f"{label_i}: the same picture as {seen[digest]}: not added twice")
+            seen.setdefault(digest, label_i)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if problems:
         shutil.rmtree(staging, ignore_errors=True)
-        return None, problems
-    return staging, []
+        return None, problems, []
+    return staging, [], skipped
 
 
 def move_folder(source: str, target: str) -> str:

@@ -11,17 +11,15 @@ from PIL import Image
 from modules import paths_internal, processing, shared
 
 from ..export import atomic_write
-from ..grid import lora_tag
-
-#: A1111's extra-network syntax (``<lora:name:1>``, ``<hypernet:…>``): any of these in a
-#: preview would load a network on top of the one being trained.
-_EXTRA_NETWORK = re.compile(r"\s*<\w+:[^>]+>")
+from ..grid import EXTRA_NETWORK, lora_tag
 
 SAMPLER = "DPM++ 2M"
 
 
 def strip_extra_networks(prompt: str) -> str:
-    text = re.sub(r",(\s*,)+", ",", _EXTRA_NETWORK.sub("", prompt))
+    """The prompt without extra networks: one in a preview would load a network on top of the
+    one being trained."""
+    text = re.sub(r",(\s*,)+", ",", EXTRA_NETWORK.sub("", prompt))
     return text.strip(" ,\n")
 
 
