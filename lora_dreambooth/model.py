@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Iterator, Union
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
+from . import torch_compat
+
 if TYPE_CHECKING:
     from .data import MicroBatch
 
@@ -96,6 +98,15 @@ class Backend(abc.ABC):
     def _scale_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Sampled VAE latents → the scale the UNet works at."""
 
+    def latent_shape(self, pixels_shape: torch.Size) -> torch.Size:
+        """The shape of the latents of pixels of ``pixels_shape`` ([N, 3, H, W]), without running
+        the VAE: its encoder (ldm's and sgm's) halves H and W, rounding down, at every level but
+        the last, and ``quant_conv`` gives mean ‖ logvar."""
+        vae = self.model.first_stage_model
+        factor = 2 ** (vae.encoder.num_resolutions - 1)
+        n, _, height, width = pixels_shape
+        return torch.Size((n, vae.quant_conv.out_channels // 2, height // factor, width // factor))
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → pixels in [0, 1]."""
@@ -123,9 +134,14 @@ class Backend(abc.ABC):
 
     # --- noise schedules from the model's own ------------------------------------------
 
-    @abc.abstractmethod
     def _betas(self) -> torch.Tensor:
-        """The model's β_t, t = 0 … T−1."""
+        """The model's β_t, t = 0 … T−1, from ``alphas_cumprod``: β_t = 1 − ᾱ_t / ᾱ_{t−1}.
+
+        ``alphas_cumprod`` is what A1111 keeps in fp32 when it halves the model (ldm's
+        ``betas`` buffer goes to fp16 with it), and sgm keeps no betas at all."""
+        alphas_cumprod = self.model.alphas_cumprod.detach().double().cpu()
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        return 1 - alphas_cumprod / previous
 
     def _schedule_args(self) -> dict:
         betas = self._betas().detach().double().cpu().numpy()
@@ -192,9 +208,6 @@ class LdmBackend(Backend):
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Cross-attention conditioning; differentiable when the text encoder trains."""
         return self.model.get_learned_conditioning(list(prompts))
-
-    def _betas(self) -> torch.Tensor:
-        return self.model.betas
 
 
 class SdxlBackend(Backend):
@@ -283,12 +296,6 @@ class SdxlBackend(Backend):
                                                 device=self.device))
                           for embedder in self._size_embedders], dim=1)
 
-    def _betas(self) -> torch.Tensor:
-        """sgm keeps no betas; A1111 sets ``alphas_cumprod``: β_t = 1 − ᾱ_t / ᾱ_{t−1}."""
-        alphas_cumprod = self.model.alphas_cumprod.detach().double().cpu()
-        previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        return 1 - alphas_cumprod / previous
-
 
 def make_backend(model: torch.nn.Module) -> Backend:
     """The backend for ``model``: SDXL (sgm, has a ``conditioner``) or SD 1.x/2.x (ldm)."""
@@ -320,7 +327,7 @@ def _finite(moments: torch.Tensor) -> torch.Tensor:
 def _checkpointed(forward, module, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(module, *args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, module, *args, use_reentrant=False, **kwargs)
+    return torch_compat.checkpoint(forward, module, *args, **kwargs)
 
 
 def _is_sd2(model: torch.nn.Module) -> bool:

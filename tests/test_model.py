@@ -25,6 +25,15 @@ def test_noise_schedule_is_the_models_own(tiny_sd1):
     assert backend.sampling_scheduler().config.algorithm_type == "dpmsolver++"
 
 
+def test_schedule_comes_from_the_fp32_alphas_cumprod_a1111_keeps_when_it_halves_the_model(tiny_sd1):
+    """A1111 halves the model but keeps ``alphas_cumprod`` in fp32; ldm's ``betas`` buffer goes
+    to fp16 with the rest, and a schedule built from it would be off by fp16 rounding."""
+    exact = tiny_sd1.alphas_cumprod.double().clone()
+    tiny_sd1.betas = tiny_sd1.betas.half()
+    scheduler = LdmBackend(tiny_sd1).training_scheduler()
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), exact, rtol=0, atol=1e-6)
+
+
 def test_latents_are_the_models_encoding_sampled_with_our_generator(tiny_sd1):
     backend = LdmBackend(tiny_sd1)
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -36,6 +45,14 @@ def test_latents_are_the_models_encoding_sampled_with_our_generator(tiny_sd1):
     assert torch.allclose(ours, reference, atol=1e-6)
     other = backend.latents_from_moments(moments, torch.Generator().manual_seed(8))
     assert not torch.allclose(ours, other)
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (64, 128), (72, 100), (65, 67)])
+def test_the_latent_shape_is_known_without_encoding(tiny_sd1, height, width):
+    backend = LdmBackend(tiny_sd1)
+    pixels = torch.zeros(2, 3, height, width)
+    encoded = torch.chunk(backend.encode_moments(pixels), 2, dim=1)[0].shape
+    assert backend.latent_shape(pixels.shape) == encoded
 
 
 def test_wrapped_embedder_gives_the_same_conditioning(tiny_sd1):

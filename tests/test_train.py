@@ -2,8 +2,10 @@
 it fails, and that the user's model ends exactly as it began."""
 from __future__ import annotations
 
+import base64
 import copy
 import csv
+import io
 import json
 import os
 
@@ -20,8 +22,8 @@ from lora_dreambooth.demo import draw_character, draw_class_image, write_images
 from lora_dreambooth.guard import ModelSnapshot, state_hash
 from lora_dreambooth.model import LdmBackend
 from lora_dreambooth.targets import find_targets
-from lora_dreambooth.train import (TrainCallbacks, TrainingError, min_snr_weights,
-                                   prior_preservation_loss, train_lora)
+from lora_dreambooth.objective import min_snr_weights, prior_preservation_loss
+from lora_dreambooth.train import TrainCallbacks, TrainingError, train_lora
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +184,27 @@ def test_stop_before_the_first_step_writes_nothing(tiny_sd1, images, tmp_path):
     result = run(tiny_sd1, make_config(images), tmp_path, TrainCallbacks(should_stop=lambda: True))
     assert result.cancelled and result.steps_done == 0 and result.path is None
     assert not os.path.exists(tmp_path / "lora") or os.listdir(tmp_path / "lora") == []
+
+
+def test_an_interrupted_preview_is_neither_saved_nor_the_cover(tiny_sd1, images, tmp_path):
+    stopping, shown, logged = [], [], []
+
+    def render(step: int):  # as the host's: the first preview finishes, the second is cut short
+        if step == 4:
+            stopping.append(step)
+            return None
+        return Image.new("RGB", (64, 64), (200, 10, 10))
+
+    result = run(tiny_sd1, make_config(images, steps=6, preview_every=2), tmp_path,
+                 TrainCallbacks(render_preview=render, on_preview=lambda step, image, path: shown.append(step),
+                                should_stop=lambda: bool(stopping), on_log=logged.append))
+    assert result.cancelled and result.steps_done == 4
+    assert [os.path.basename(p) for p in result.previews] == ["preview-00002.png"] and shown == [2]
+    assert not os.path.exists(tmp_path / "run" / "preview-00004.png")
+    assert "preview at step 4 skipped (stopping)" in logged
+    with safe_open(result.path, "pt") as f:
+        [cover] = json.loads(f.metadata()["ssmd_cover_images"])
+    assert Image.open(io.BytesIO(base64.b64decode(cover))).getpixel((0, 0)) == (200, 10, 10)
 
 
 def test_a_failure_restores_the_model_and_writes_nothing(tiny_sd1, images, tmp_path):
