@@ -4,7 +4,8 @@ What a run allocated (adapters, optimizer state, cached latents and conditioning
 graphs) is owned by ``train_lora``'s frames and goes when they do; what can outlive them is
 reference cycles (an exception's traceback holds the frames that raised it, and their locals),
 the CUDA caching allocator's reserved blocks, and freed pages glibc keeps in its heap instead
-of returning them to the OS (the resident set stays high though nothing uses them)."""
+of returning them to the OS (the resident set stays high though nothing uses them). The CUDA
+cache is the host's to empty (A1111's ``devices.torch_gc``)."""
 from __future__ import annotations
 
 import ctypes
@@ -12,14 +13,10 @@ import ctypes.util
 import gc
 import sys
 
-import torch
-
 
 def release() -> None:
-    """Collect cycles, empty the CUDA cache, and return free heap pages to the OS."""
+    """Collect cycles and return free heap pages to the OS."""
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     _trim_heap()
 
 

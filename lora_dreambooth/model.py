@@ -144,7 +144,7 @@ class Backend(abc.ABC):
         return 1 - alphas_cumprod / previous
 
     def _schedule_args(self) -> dict:
-        betas = self._betas().detach().double().cpu().numpy()
+        betas = self._betas().numpy()
         prediction = "v_prediction" if self.parameterization == "v" else "epsilon"
         return {"num_train_timesteps": len(betas), "trained_betas": betas,
                 "prediction_type": prediction}

@@ -88,7 +88,8 @@ def refresh_lora_list() -> bool:
 
 
 def release_memory() -> None:
-    """What a run leaves back to the process (``memory.release``), then A1111's own cleanup."""
+    """What a run leaves back to the process (``memory.release``), then A1111's own cleanup
+    (``torch_gc`` empties the CUDA cache)."""
     memory.release()
     devices.torch_gc()
 

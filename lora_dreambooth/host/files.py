@@ -73,25 +73,36 @@ def _digest(path: str) -> str:
     return digest.hexdigest()
 
 
+class _Pictures:
+    """The pictures kept so far, by the sha256 of their bytes: an exact copy would count twice."""
+
+    def __init__(self, paths: Iterable[str] = ()):
+        self._labels = {_digest(path): os.path.basename(path) for path in paths}
+
+    def add(self, path: str, label: str) -> Optional[str]:
+        """Keep ``path`` as ``label``; or, when it is the same picture as one kept, why not."""
+        digest = _digest(path)
+        if digest in self._labels:
+            return f"the same picture as {self._labels[digest]}: not added twice"
+        self._labels[digest] = label
+        return None
+
+
 def add_files(sources: Iterable[tuple[str, str]], folder: str) -> UploadReport:
     """Copy each ``(path, original name)`` that is a readable image, and not the same bytes as
     an image in ``folder`` or one copied before it, into ``folder`` under its sanitised name;
     report the others with their reason."""
     report = UploadReport()
     os.makedirs(folder, exist_ok=True)
-    kept = {_digest(image): os.path.basename(image) for image in list_images(folder)}
+    kept = _Pictures(list_images(folder))
     for path, original in sources:
         name = sanitise_name(original)
-        reason = check_image(path, name)
-        digest = None if reason else _digest(path)
-        if digest in kept:
-            reason = f"the same picture as {kept[digest]}: not added twice"
+        target = free_path(folder, name)
+        reason = check_image(path, name) or kept.add(path, os.path.basename(target))
         if reason:
             report.skipped.append((os.path.basename(original) or name, reason))
             continue
-        target = free_path(folder, name)
         atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
-        kept[digest] = os.path.basename(target)
         report.saved.append(target)
     return report
 
@@ -127,7 +138,7 @@ def stage_base64_images(items: list, label: str) -> tuple[Optional[str], list[st
         return None, [f"{label} must be a non-empty list of base64 images"], []
     problems: list[str] = []
     skipped: list[str] = []
-    seen: dict[str, str] = {}  # digest → the item's label
+    kept = _Pictures()
     staging = tempfile.mkdtemp(prefix="lora-train-upload-")
     try:
         for i, item in enumerate(items, start=1):
@@ -151,11 +162,10 @@ def stage_base64_images(items: list, label: str) -> tuple[Optional[str], list[st
             if reason:
                 problems.append(f"{label_i}: {reason}")
                 continue
-            digest = _digest(path)
-            if digest in seen:
+            copy = kept.add(path, label_i)
+            if copy:
                 os.remove(path)
-                skipped.append(f"{label_i}: the same picture as {seen[digest]}: not added twice")
-            seen.setdefault(digest, label_i)
+                skipped.append(f"{label_i}: {copy}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

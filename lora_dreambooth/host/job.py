@@ -83,7 +83,8 @@ def request_problems(config: TrainConfig, check_instance: bool = True) -> list[s
         problems += files.folder_problems(config.class_dir, "class")
     problems += a1111.model_problems(shared.sd_model)
     if not problems:  # a valid config on a trainable model: can its network type train it all?
-        problems += [p for p in [adapters.network_problem(shared.sd_model, config)] if p]
+        problem = adapters.network_problem(shared.sd_model, config)
+        problems += [problem] if problem else []
     return problems
 
 
@@ -326,8 +327,7 @@ class TrainingJob:
             s.phase, s.text = progress.phase, bridge.text
             if progress.phase in STEPLESS:
                 return
-            s.step, s.total, s.loss, s.lr, s.eta_s, s.text = (
-                progress.step, progress.total, loss, progress.lr, progress.eta_s, bridge.text)
+            s.step, s.total, s.loss, s.lr, s.eta_s = progress.step, progress.total, loss, progress.lr, progress.eta_s
             if progress.phase == "training" and loss is not None:
                 s.losses.append((progress.step, loss))
 
