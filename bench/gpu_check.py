@@ -36,12 +36,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.full_size import sd15_model, sd_vae  # noqa: E402
+from bench.full_size import sd15_model, sdxl_model  # noqa: E402
 from bench.harness import a1111_sdp_attention, bare_steps, loop_steps  # noqa: E402
+from lora_dreambooth import loop  # noqa: E402
 from lora_dreambooth.config import TrainConfig  # noqa: E402
 from lora_dreambooth.demo import draw_character, write_images  # noqa: E402
-from lora_dreambooth.model import SDXL_SIZE_KEYS  # noqa: E402
-from lora_dreambooth.tiny import build_tiny_sd1, randomise_zero_inits, vae_config, write_tiny_clip  # noqa: E402
+from lora_dreambooth.tiny import build_tiny_sd1  # noqa: E402
+from tests.tiny_models import build_tiny_sdxl  # noqa: E402
 
 MIB, GIB = 2 ** 20, 2 ** 30
 RATIO_TARGET = 1.05
@@ -93,48 +94,14 @@ class Row:
 # --- models ----------------------------------------------------------------------------------
 
 def sd15(work: str, tiny: bool) -> torch.nn.Module:
-    """SD1.5 (``full_size.sd15_model``) with SD1.5's 8 attention heads, or the tiny SD1."""
-    if tiny:
-        return build_tiny_sd1()
-    os.makedirs(os.path.join(work, "clip-768x12"), exist_ok=True)  # where sd15_model writes its CLIP
-    model = sd15_model(work)
-    for module in model.model.diffusion_model.modules():  # built with 2 heads: same weights
-        if type(module).__name__ == "CrossAttention":
-            module.heads = 8
-            module.scale = (module.to_q.out_features // 8) ** -0.5
-    return model
-
-
-#: SDXL base's shape (text encoders as (width, layers, heads); UNet: ``sdxl_unet``'s defaults)
-#: and a tiny one with the same layout for --smoke.
-SDXL_SHAPES = {
-    False: {"te1": (768, 12, 12), "te2": (1280, 32, 20), "size_embedding": 256, "unet": {}},
-    True: {"te1": (32, 2, 2), "te2": (32, 2, 2), "size_embedding": 16,
-           "unet": {"model_channels": 32, "channel_mult": (1, 2, 3), "transformer_depth": (0, 1, 1),
-                    "context_dim": 64, "adm_in_channels": 32 + 3 * 2 * 16, "num_head_channels": 16}},
-}
+    """SD1.5 (``full_size.sd15_model``), or the tiny SD1."""
+    return build_tiny_sd1() if tiny else sd15_model(work)
 
 
 def sdxl(work: str, tiny: bool) -> torch.nn.Module:
-    """An SDXL-base-shaped ``DiffusionEngine`` from the tests' SDXL stand-in parts: CLIP-L
-    (te1, penultimate layer; its MLP 2× wide), OpenCLIP bigG (te2), SDXL's UNet and SD's VAE."""
-    from ldm.models.autoencoder import AutoencoderKL
-
-    from tests import tiny_models
-
-    shape = SDXL_SHAPES[tiny]
-    (width1, layers1, heads1), (width2, layers2, heads2) = shape["te1"], shape["te2"]
-    clip_dir = os.path.join(work, "clip-l")
-    os.makedirs(clip_dir, exist_ok=True)
-    write_tiny_clip(clip_dir, hidden=width1, layers=layers1, heads=heads1)
-    conditioner = tiny_models.GeneralConditioner([
-        tiny_models.FrozenCLIPEmbedder(clip_dir, layer_idx=layers1 - 1),
-        tiny_models.FrozenOpenCLIPEmbedder2(tiny_models._register_tiny_openclip(width2, layers2, heads2)),
-        *(tiny_models.ConcatTimestepEmbedderND(shape["size_embedding"], key) for key in SDXL_SIZE_KEYS)])
-    vae = AutoencoderKL(**vae_config()["params"]) if tiny else sd_vae()
-    model = tiny_models.DiffusionEngine(tiny_models.sdxl_unet(**shape["unet"]), conditioner, vae)
-    randomise_zero_inits(model, seed=0)
-    return model.eval()
+    """SDXL base (``full_size.sdxl_model``: CLIP-L with a 2× MLP, OpenCLIP bigG, SDXL's UNet,
+    SD's VAE), or the tiny SDXL it is built as."""
+    return build_tiny_sdxl() if tiny else sdxl_model(work)
 
 
 CASES = (Case("SD1.5", sd15, 512, checkpointing=False),
@@ -198,7 +165,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: 
                              resolution=resolution, rank=16, alpha=16.0, learning_rate=1e-4,
                              optimizer="adamw8bit" if args.bitsandbytes else "adamw",
                              gradient_checkpointing=case.checkpointing, overwrite=True)
-        row.optimizer = "AdamW8bit" if args.bitsandbytes and device.type == "cuda" else "AdamW"
+        row.optimizer = "AdamW8bit" if args.bitsandbytes else "AdamW"
         bare: list[float] = []
         ours: list[float] = []
         with a1111_sdp_attention():
@@ -259,14 +226,6 @@ def _environment(device: torch.device, args: argparse.Namespace) -> str:
             f"{bnb}; {args.rounds} rounds × {args.steps} timed steps after {args.warmup} warm-up steps")
 
 
-def _bitsandbytes_version() -> str:
-    try:
-        import bitsandbytes
-    except Exception:  # noqa: BLE001 -- a broken install counts as absent, as in the engine
-        return ""
-    return getattr(bitsandbytes, "__version__", "?")
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the code, not the GPU")
@@ -285,10 +244,11 @@ def main(argv: Optional[list[str]] = None) -> int:
               "with an NVIDIA GPU, or `python bench/gpu_check.py --smoke` to check the code on the CPU.",
               file=sys.stderr)
         return 2
-    args.bitsandbytes = "" if args.smoke else _bitsandbytes_version()
     if args.smoke:  # tiny models gain nothing from more threads, and a busy CPU stalls spinning ones
         torch.set_num_threads(1)
     device = torch.device("cpu" if args.smoke else "cuda")
+    bitsandbytes = loop.bitsandbytes_on_cuda(device)  # what the engine's "adamw8bit" will use
+    args.bitsandbytes = "" if bitsandbytes is None else getattr(bitsandbytes, "__version__", "?")
     dtype = torch.float32 if args.smoke else torch.float16
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         rows = [run_case(case, args, device, dtype, work) for case in CASES]

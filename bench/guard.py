@@ -26,25 +26,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.full_size import describe, state_of  # noqa: E402
+from bench.harness import sync  # noqa: E402
 from lora_dreambooth.guard import ModelSnapshot  # noqa: E402
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def guard_seconds(model: torch.nn.Module, device: str, repeats: int) -> tuple[float, float]:
+def guard_seconds(model: torch.nn.Module, device: torch.device, repeats: int) -> tuple[float, float]:
     """Median seconds of (snapshot, verify)."""
     takes, checks = [], []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         snapshot = ModelSnapshot.take(model)
-        _sync(device)
+        sync(device)
         taken = time.perf_counter()
         assert snapshot.verify(model) == []
-        _sync(device)
+        sync(device)
         takes.append(taken - started)
         checks.append(time.perf_counter() - taken)
     return statistics.median(takes), statistics.median(checks)
@@ -63,14 +59,14 @@ def sha256_seconds(model: torch.nn.Module, sample_bytes: int = 2 ** 30) -> float
     return (time.perf_counter() - started) * total / done
 
 
-def plain_seconds(model: torch.nn.Module, device: str) -> float:
+def plain_seconds(model: torch.nn.Module, device: torch.device) -> float:
     """One pass of plain int64 word sums (no position-weighted row sums)."""
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     sums = [t.detach().reshape(-1).view(torch.int64).sum() for t in model.state_dict().values()
             if t.numel() * t.element_size() % 8 == 0]
     torch.stack(sums).cpu()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - started
 
 
@@ -83,19 +79,20 @@ def main() -> None:
     parser.add_argument("--sha256", action="store_true")
     parser.add_argument("--plain", action="store_true")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for pair in args.families.split(","):
         family, dtype = pair.split(":")
-        model = state_of(family, getattr(torch, dtype), args.device)
+        model = state_of(family, getattr(torch, dtype), device)
         size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        take, check = guard_seconds(model, args.device, args.repeats)
+        take, check = guard_seconds(model, device, args.repeats)
         print(f"{family} {dtype} ({describe(model)}):")
         print(f"  guard per run      : {take + check:6.2f} s  (snapshot {take:.2f} s + check {check:.2f} s, "
               f"{2 * size / (take + check) / 1e9:.1f} GB/s; median of {args.repeats})")
         if args.plain:
-            print(f"  plain sums, 1 pass : {plain_seconds(model, args.device):6.2f} s  "
+            print(f"  plain sums, 1 pass : {plain_seconds(model, device):6.2f} s  "
                   f"(the guard's snapshot: {take:.2f} s)")
         if args.sha256:
             old = 4 * sha256_seconds(model)

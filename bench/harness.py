@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from lora_dreambooth import torch_compat
+from lora_dreambooth import loop, torch_compat
 from lora_dreambooth.adapters import inject
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.model import make_backend
@@ -31,11 +31,9 @@ def sync(device: torch.device) -> None:
 
 def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """The class the engine picks: 8-bit AdamW when asked for and bitsandbytes runs on CUDA."""
-    if config.optimizer == "adamw8bit" and device.type == "cuda":
-        with contextlib.suppress(ImportError):
-            import bitsandbytes
-            return bitsandbytes.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    bnb = loop.bitsandbytes_on_cuda(device) if config.optimizer == "adamw8bit" else None
+    adamw = torch.optim.AdamW if bnb is None else bnb.optim.AdamW8bit
+    return adamw(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def bare_steps(model, config: TrainConfig, steps: int) -> list[float]:
@@ -45,10 +43,10 @@ def bare_steps(model, config: TrainConfig, steps: int) -> list[float]:
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     adapters = inject(model, find_targets(model, config.network, False), config)
-    dtype = None if backend.unet_dtype == torch.float32 else backend.unet_dtype
+    dtype = loop.autocast_dtype("auto", backend)
     try:
         optimizer = _optimizer(adapters.parameters_for("unet"), config, device)
-        scaler = torch_compat.cuda_grad_scaler() if dtype == torch.float16 and device.type == "cuda" else None
+        scaler = loop.loss_scaler(dtype, device)
         size = config.resolution // 8
         latents = torch.randn(config.batch_size, 4, size, size, device=device)
         with torch.no_grad(), torch_compat.autocast(device.type, dtype):

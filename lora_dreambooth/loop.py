@@ -101,8 +101,7 @@ class TrainingLoop:
         self.last_loss = float("nan")
         self.autocast_dtype = autocast_dtype(config.precision, backend)
         self.optimizer = self._make_optimizer()
-        use_scaler = self.autocast_dtype == torch.float16 and backend.device.type == "cuda"
-        self.scaler = torch_compat.cuda_grad_scaler() if use_scaler else None
+        self.scaler = loss_scaler(self.autocast_dtype, backend.device)
         self.names = resume.trainable_names(adapters, pivot)
         if source is not None:
             self._load_state(source)
@@ -330,6 +329,11 @@ def autocast_dtype(precision: str, backend: Backend) -> Optional[torch.dtype]:
         raise ValueError(f"torch {torch.__version__} cannot autocast to {str(wanted)[6:]} on {device}: "
                          "start A1111 with --no-half, or set precision to bf16")
     return wanted
+
+
+def loss_scaler(dtype: Optional[torch.dtype], device: torch.device) -> Optional[torch_compat.GradScaler]:
+    """The loss scaler fp16 autocast on CUDA needs; None otherwise."""
+    return torch_compat.cuda_grad_scaler() if dtype == torch.float16 and device.type == "cuda" else None
 
 
 def bitsandbytes_on_cuda(device: torch.device):

@@ -73,16 +73,17 @@ def write_tiny_clip(folder: str, hidden: int = 32, layers: int = 2, heads: int =
 
 
 def unet_config(model_channels: int = 32, channel_mult: tuple[int, ...] = (1, 2),
-                context_dim: int = 32, linear_transformer: bool = False) -> dict[str, Any]:
+                context_dim: int = 32, linear_transformer: bool = False, num_heads: int = 2) -> dict[str, Any]:
     """ldm UNetModel parameters with SD's layout at a tiny width: 2 res blocks per level,
-    spatial transformers on every level but the deepest (A1111's name mapping assumes that)."""
+    spatial transformers on every level but the deepest (A1111's name mapping assumes that),
+    ``num_heads`` attention heads (SD1: 8)."""
     return {
         "target": _UNET_TARGET,
         "params": {
             "image_size": 8, "in_channels": 4, "out_channels": 4,
             "model_channels": model_channels, "channel_mult": list(channel_mult),
             "num_res_blocks": 2, "attention_resolutions": [2 ** i for i in range(len(channel_mult) - 1)],
-            "num_heads": 2, "use_spatial_transformer": True, "transformer_depth": 1,
+            "num_heads": num_heads, "use_spatial_transformer": True, "transformer_depth": 1,
             "context_dim": context_dim, "use_checkpoint": False, "legacy": False,
             "use_linear_in_transformer": linear_transformer,
         },
@@ -116,7 +117,7 @@ def randomise_zero_inits(model: torch.nn.Module, seed: int) -> None:
 
 def build_tiny_sd1(seed: int = 0, clip_dir: str | None = None, model_channels: int = 32,
                    channel_mult: tuple[int, ...] = (1, 2), parameterization: str = "eps",
-                   context_dim: int = 32):
+                   context_dim: int = 32, num_heads: int = 2):
     """A tiny SD1-layout ``LatentDiffusion`` on CPU in fp32, in eval mode as A1111 holds it.
     ``context_dim`` must equal the hidden size of the CLIP in ``clip_dir`` (one of that width
     is written when none is given)."""
@@ -124,7 +125,7 @@ def build_tiny_sd1(seed: int = 0, clip_dir: str | None = None, model_channels: i
     if clip_dir is None:
         clip_dir = write_tiny_clip(tempfile.mkdtemp(prefix="tiny-clip-"), hidden=context_dim)
     cond_stage = {"target": _CLIP_TARGET, "params": {"version": clip_dir, "device": "cpu"}}
-    return latent_diffusion(cond_stage, unet_config(model_channels, channel_mult, context_dim),
+    return latent_diffusion(cond_stage, unet_config(model_channels, channel_mult, context_dim, num_heads=num_heads),
                             parameterization, seed, family="sd1")
 
 

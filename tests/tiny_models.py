@@ -314,34 +314,46 @@ class DiffusionEngine(torch.nn.Module):
         return self.first_stage_model.decode(z / self.scale_factor)
 
 
-def build_tiny_sdxl(seed: int = 0, clip_dir: str | None = None, model_channels: int = 32,
-                    te1_width: int = 32, te2_width: int = 32, text_layers: int = 2,
-                    size_embedding: int = 16) -> DiffusionEngine:
+#: ``sdxl_unet`` arguments of the tiny SDXL: three levels of 1, 2, 3 × 32 channels, one
+#: transformer block on each of the two deeper ones, heads of 16 channels.
+TINY_SDXL_UNET = {"model_channels": 32, "channel_mult": (1, 2, 3), "transformer_depth": (0, 1, 1),
+                  "num_head_channels": 16}
+
+
+def build_tiny_sdxl(seed: int = 0, clip_dir: str | None = None, te1: tuple[int, int, int] = (32, 2, 2),
+                    te2: tuple[int, int, int] = (32, 2, 2), size_embedding: int = 16,
+                    unet: dict[str, Any] | None = None,
+                    vae: torch.nn.Module | None = None) -> DiffusionEngine:
     """A tiny SDXL-layout :class:`DiffusionEngine` on CPU in fp32, in eval mode as A1111 holds it.
 
     Like SDXL base: three UNet levels, each wider than the one before (1, 2, 3 × 32 channels;
     SDXL: 1, 2, 4 × 320), attention on the two deeper ones, so the blocks sit at SDXL's indices;
     ``context_dim`` = te1 width + te2 width; ``vector`` = te2's pooled output ‖ embeddings of
     original size, crop and target size (``adm_in_channels`` = te2 width + 3 × 2 ×
-    ``size_embedding``); eps-prediction, scale factor 0.13025. te1 reads its penultimate layer
-    (``clip_dir`` must hold a CLIP of ``te1_width``; one is written when none is given)."""
+    ``size_embedding``); eps-prediction, scale factor 0.13025. ``te1`` and ``te2`` are the text
+    encoders' (width, layers, heads); te1 reads its penultimate layer (``clip_dir`` must hold a
+    CLIP of te1's shape; one is written when none is given). ``unet``: ``sdxl_unet``'s other
+    arguments (default ``TINY_SDXL_UNET``; ``{}``: SDXL base's); ``vae``: the tiny VAE when None.
+    The benchmarks build the full-size model with these (``bench/full_size.sdxl_model``)."""
     from ldm.models.autoencoder import AutoencoderKL
 
+    (te1_width, te1_layers, te1_heads), (te2_width, te2_layers, te2_heads) = te1, te2
     torch.manual_seed(seed)
     if clip_dir is None:
         clip_dir = write_tiny_clip(tempfile.mkdtemp(prefix="tiny-clip-"), hidden=te1_width,
-                                   layers=text_layers)
-    arch = _register_tiny_openclip(te2_width, text_layers, heads=2)
+                                   layers=te1_layers, heads=te1_heads)
+    arch = _register_tiny_openclip(te2_width, te2_layers, te2_heads)
     conditioner = GeneralConditioner([
-        FrozenCLIPEmbedder(clip_dir, layer_idx=text_layers - 1),
+        FrozenCLIPEmbedder(clip_dir, layer_idx=te1_layers - 1),
         FrozenOpenCLIPEmbedder2(arch),
         ConcatTimestepEmbedderND(size_embedding, "original_size_as_tuple"),
         ConcatTimestepEmbedderND(size_embedding, "crop_coords_top_left"),
         ConcatTimestepEmbedderND(size_embedding, "target_size_as_tuple"),
     ])
-    unet = sdxl_unet(model_channels, (1, 2, 3), (0, 1, 1), context_dim=te1_width + te2_width,
-                     adm_in_channels=te2_width + 3 * 2 * size_embedding, num_head_channels=16)
-    vae = AutoencoderKL(**vae_config()["params"])
+    unet = sdxl_unet(context_dim=te1_width + te2_width, adm_in_channels=te2_width + 3 * 2 * size_embedding,
+                     **(TINY_SDXL_UNET if unet is None else unet))
+    if vae is None:
+        vae = AutoencoderKL(**vae_config()["params"])
     model = DiffusionEngine(unet, conditioner, vae)
     randomise_zero_inits(model, seed)
     model.eval()
