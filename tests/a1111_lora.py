@@ -6,12 +6,16 @@ finalize_updown, apply_weight_decompose), ``network_lora``, ``network_hada``, ``
 and ``lyco_helpers``, including their quirks (peft-style ``lora_A``/``lora_B`` keys lose alpha
 and dora_scale; LoKr ignores alpha unless a factor is decomposed). ``tests/test_export.py``
 proves it against the golden tables produced by the real loader.
+
+Below it, the helpers the tests use to compare an adapted layer with it: a file's tensors
+for one layer, a probe input, the base layer run with another weight, and the per-layer check.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def _cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -121,3 +125,43 @@ def a1111_delta(weights: dict[str, torch.Tensor], base_weight: torch.Tensor,
     if "dora_scale" in w:
         updown = _weight_decompose(updown, orig, w["dora_scale"])
     return updown * multiplier
+
+
+# --- comparing adapted layers with it -----------------------------------------------------
+
+def file_weights(tensors: dict[str, torch.Tensor], kohya_name: str) -> dict[str, torch.Tensor]:
+    """One layer's tensors of a LoRA file, by suffix (``"lora_up.weight"``, ``"alpha"``...)."""
+    prefix = kohya_name + "."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def probe(layer: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+    """A random input for a Linear or Conv2d layer."""
+    if isinstance(layer, torch.nn.Conv2d):
+        return torch.randn(2, layer.in_channels, 8, 8, generator=gen)
+    return torch.randn(3, 5, layer.in_features, generator=gen)
+
+
+def apply_weight(base: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``base(x)`` with ``weight`` in place of the base layer's own."""
+    if isinstance(base, torch.nn.Conv2d):
+        return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+    return F.linear(x, weight, base.bias)
+
+
+def assert_a1111_exact(adapters, tensors: dict[str, torch.Tensor]) -> None:
+    """Each adapted layer's output equals the base layer run with A1111's merged weight
+    W + delta (delta computed from the file tensors), to 1e-4 of the adapter's contribution,
+    which must be more than 1e-3 of the base output."""
+    gen = torch.Generator().manual_seed(1)
+    for layer in adapters.layers:
+        x = probe(layer.base, gen)
+        with torch.no_grad():
+            adapted = layer.wrapper(x)
+            base_out = layer.base(x)
+            delta = a1111_delta(file_weights(tensors, layer.target.kohya_name), layer.base.weight)
+            merged = apply_weight(layer.base, x, layer.base.weight + delta)
+        contribution = (adapted - base_out).norm()
+        assert contribution > 1e-3 * base_out.norm(), f"{layer.target.path}: adapter has no effect"
+        err = ((adapted - merged).norm() / contribution).item()
+        assert err <= 1e-4, f"{adapters.network} {layer.target.path}: relative error {err:.2e}"

@@ -23,6 +23,31 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+#: Two code paths doing the same float32 sums in another order agree to this.
+ROUNDING = {"rtol": 1e-5, "atol": 1e-6}
+
+#: A half-precision base as A1111 holds it: bf16 with numbers on the CPU, fp16 on the meta device
+#: (dtypes and shapes, no kernels: torch 2.1.2's CPU build has no fp16 matmul).
+LOW_PRECISION_BASES = [pytest.param(torch.bfloat16, "cpu", id="bf16-cpu"),
+                       pytest.param(torch.float16, "meta", id="fp16-meta")]
+
+
+@pytest.fixture()
+def encoded_prompts(monkeypatch) -> list[tuple[list[str], bool]]:
+    """Every ``LdmBackend.encode_prompts`` call during the test: (prompts, whether grad was on)."""
+    from lora_dreambooth.model import LdmBackend
+
+    calls: list[tuple[list[str], bool]] = []
+    original = LdmBackend.encode_prompts
+
+    def spy(self, prompts, *args, **kwargs):
+        calls.append((list(prompts), torch.is_grad_enabled()))
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(LdmBackend, "encode_prompts", spy)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> str:
     from lora_dreambooth.tiny import write_tiny_clip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import LOW_PRECISION_BASES
 from lora_dreambooth import networks
 from lora_dreambooth.adapters import Adapters, inject
 from lora_dreambooth.config import TrainConfig
@@ -147,8 +148,7 @@ def test_failed_inject_undoes_what_it_did(model):
 
 
 @pytest.mark.parametrize("network", NETWORKS)
-@pytest.mark.parametrize("dtype, device", [(torch.bfloat16, "cpu"), (torch.float16, "meta")],
-                         ids=["bf16-cpu", "fp16-meta"])
+@pytest.mark.parametrize("dtype, device", LOW_PRECISION_BASES)
 def test_adapters_stay_fp32_on_a_low_precision_base(tiny_sd1, network, dtype, device):
     # A1111 holds fp16 weights; torch 2.1.2's CPU build has no fp16 matmul, so fp16 runs this
     # code on the meta device (dtypes and shapes, no kernels) and bf16 runs its numbers on the CPU.

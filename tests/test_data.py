@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 
+from conftest import ROUNDING
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.data import (IMAGE_EXTENSIONS, DreamBoothDataset, ImageError, MicroBatch,
                                   NoImagesError, Skipped, bucket_sizes, closest_bucket, load_image)
@@ -480,7 +481,7 @@ def test_latent_cache_encodes_each_image_once(tmp_path):
         assert b.moments.device.type == "cpu"
     assert enc.images == 8  # never encoded again
     for i, e in enumerate(ds.instances):  # cached in batches of 3, expected in one of 5: rounding only
-        torch.testing.assert_close(e.moments[0], expected[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(e.moments[0], expected[i], **ROUNDING)
 
 
 def test_flip_cache_has_two_entries_per_image(tmp_path):

@@ -14,12 +14,11 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from a1111_lora import a1111_delta
+from a1111_lora import a1111_delta, assert_a1111_exact, file_weights
 from conftest import GOLDEN
 from lora_dreambooth.adapters import inject
 from lora_dreambooth.config import TrainConfig
@@ -97,40 +96,6 @@ def _randomise(adapters, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
-def _probe(layer: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
-    if isinstance(layer, torch.nn.Conv2d):
-        return torch.randn(2, layer.in_channels, 8, 8, generator=gen)
-    return torch.randn(3, 5, layer.in_features, generator=gen)
-
-
-def _apply_weight(base: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if isinstance(base, torch.nn.Conv2d):
-        return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
-    return F.linear(x, weight, base.bias)
-
-
-def _file_weights(tensors: dict[str, torch.Tensor], kohya_name: str) -> dict[str, torch.Tensor]:
-    prefix = kohya_name + "."
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _assert_a1111_exact(adapters, tensors: dict[str, torch.Tensor]) -> None:
-    """The adapted layer's output equals the base layer run with A1111's merged weight
-    W + delta (delta computed from the file tensors), to 1e-4 of the adapter's contribution."""
-    gen = torch.Generator().manual_seed(1)
-    for layer in adapters.layers:
-        x = _probe(layer.base, gen)
-        with torch.no_grad():
-            adapted = layer.wrapper(x)
-            base_out = layer.base(x)
-            delta = a1111_delta(_file_weights(tensors, layer.target.kohya_name), layer.base.weight)
-            merged = _apply_weight(layer.base, x, layer.base.weight + delta)
-        contribution = (adapted - base_out).norm()
-        assert contribution > 1e-3 * base_out.norm(), f"{layer.target.path}: adapter has no effect"
-        err = ((adapted - merged).norm() / contribution).item()
-        assert err <= 1e-4, f"{adapters.network} {layer.target.path}: relative error {err:.2e}"
-
-
 EXACT_CASES = {
     "lora": (dict(rank=4, alpha=2.0), [TO_Q, CROSS_K, FF_OUT, PROJ_IN, SKIP, TE_Q]),
     "locon": (dict(rank=4, alpha=8.0, conv_rank=3, conv_alpha=1.5), [CONV3, DOWN, PROJ_IN, TO_Q]),
@@ -157,7 +122,7 @@ def test_exported_tensors_are_exact_in_a1111(model, case):
             assert not any(k.endswith(("_a", "_b")) for k in tensors)
         if case == "lokr-decomposed":
             assert sum(k.endswith("lokr_w2_b") for k in tensors) == len(roles)
-        _assert_a1111_exact(adapters, tensors)
+        assert_a1111_exact(adapters, tensors)
     finally:
         adapters.remove()
     assert state_hash(model) == before
@@ -257,7 +222,7 @@ def test_file_round_trip_is_exact(model, tmp_path):
         _randomise(adapters, seed=3)
         result = save_lora(adapters, config, str(tmp_path), sd_version="sd2", steps_done=1,
                            num_train_images=1, tag_frequency={})
-        _assert_a1111_exact(adapters, load_file(result.path))
+        assert_a1111_exact(adapters, load_file(result.path))
     finally:
         adapters.remove()
     meta = _metadata(result.path)
@@ -372,7 +337,7 @@ def test_sd2_fused_text_encoder_is_exact_in_a1111(network):
             else:
                 w = layer.base.weight
             backups.append((w, w.clone()))
-            w += a1111_delta(_file_weights(tensors, layer.target.kohya_name), w)
+            w += a1111_delta(file_weights(tensors, layer.target.kohya_name), w)
         assert any(isinstance(layer, FusedSlice) for layer in adapters.layers)
         merged_cond = model.get_learned_conditioning(prompts)
         for w, saved in backups:

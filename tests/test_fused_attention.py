@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from a1111_lora import a1111_delta
+from a1111_lora import a1111_delta, file_weights
+from conftest import LOW_PRECISION_BASES
 from lora_dreambooth import networks
 from lora_dreambooth.adapters import Adapters, create_layer, inject
 from lora_dreambooth.config import TrainConfig
@@ -79,18 +80,13 @@ def _calls(batch_first: bool):
 
 # --- the rule A1111 1.10.1 applies to a MultiheadAttention --------------------------------
 
-def _file_weights(tensors: dict[str, torch.Tensor], kohya_name: str) -> dict[str, torch.Tensor]:
-    prefix = kohya_name + "."
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 def a1111_attention(mha: nn.MultiheadAttention, tensors: dict[str, torch.Tensor],
                     kohya_layer: str) -> nn.MultiheadAttention:
     """A copy of ``mha`` with the weights A1111 computes: only when q, k, v AND out_proj are
     all in the file, ``in_proj_weight += cat(Δq, Δk, Δv)`` and ``out_proj.weight += Δout``
     (each Δ from the part's own tensors, against that part's weight)."""
     merged = copy.deepcopy(mha)
-    parts = {part: _file_weights(tensors, f"{kohya_layer}_{part}") for part in PARTS}
+    parts = {part: file_weights(tensors, f"{kohya_layer}_{part}") for part in PARTS}
     if not all(parts.values()):
         return merged
     qw, kw, vw = mha.in_proj_weight.detach().chunk(3, 0)
@@ -177,8 +173,7 @@ def test_split_refuses_a_partial_set_and_keeps_other_targets():
     assert fused == {} and others == [mlp]
 
 
-@pytest.mark.parametrize("dtype, device", [(torch.bfloat16, "cpu"), (torch.float16, "meta")],
-                         ids=["bf16-cpu", "fp16-meta"])
+@pytest.mark.parametrize("dtype, device", LOW_PRECISION_BASES)
 def test_half_precision_base_keeps_its_dtype_with_fp32_adapters(dtype, device):
     # fp16 on the meta device (dtypes without kernels: torch 2.1.2's CPU build has no fp16
     # matmul); bf16 runs the same code with numbers on the CPU.

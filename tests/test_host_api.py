@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from a1111_stub.harness import (a1111, api_client, load_model_as_a1111, load_script,  # noqa: F401
-                                png_bytes, wait_until_finished)
+from a1111_stub.harness import (a1111, api_client, hook_progress, load_model_as_a1111,  # noqa: F401
+                                load_script, png_bytes, wait_until_finished)
 
 QUICK = {"trigger": "sks", "steps": 2, "rank": 4, "alpha": 4.0, "resolution": 64, "preview_every": 0,
          "preview_steps": 2, "learning_rate": 1e-3}
@@ -83,24 +83,15 @@ def test_bad_requests_get_every_message_and_nothing_is_written(a1111, client, ti
 
 
 def test_a_second_run_is_refused_while_one_is_active_and_cancel_saves(a1111, client, tiny_sd1, monkeypatch):
-    from lora_dreambooth.host import job as job_module
-
     load_model_as_a1111(a1111.shared, tiny_sd1)
     gate, at_step_1 = threading.Event(), threading.Event()
-    real_train = job_module.train_lora
 
-    def train_waiting_at_step_1(model, config, lora_dir, run_dir, callbacks, **kwargs):
-        on_progress = callbacks.on_progress
+    def hold_at_step_1(progress):
+        if progress.step == 1:
+            at_step_1.set()
+            gate.wait(30)
 
-        def hold(progress):
-            on_progress(progress)
-            if progress.step == 1:
-                at_step_1.set()
-                gate.wait(30)
-        callbacks.on_progress = hold
-        return real_train(model, config, lora_dir, run_dir, callbacks, **kwargs)
-
-    monkeypatch.setattr(job_module, "train_lora", train_waiting_at_step_1)
+    hook_progress(monkeypatch, hold_at_step_1)
     payload = {**QUICK, "steps": 50, "instance_images": [b64(png_bytes((9, 9, 9)))]}
     assert client.post("/lora-train/v1/train", json=payload).status_code == 202
     assert at_step_1.wait(30)

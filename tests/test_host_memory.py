@@ -11,11 +11,11 @@ import os
 import pytest
 import torch
 
-from a1111_stub.harness import a1111, load_model_as_a1111, write_images  # noqa: F401
-from lora_dreambooth import loop, train as train_module
+from a1111_stub.harness import a1111, hook_progress, load_model_as_a1111, write_images  # noqa: F401
+from lora_dreambooth import loop
 from lora_dreambooth.config import TrainConfig
 
-REAL_TRAIN, REAL_LOSS = train_module.train_lora, loop.TrainingLoop._loss  # each run wraps these afresh
+REAL_LOSS = loop.TrainingLoop._loss  # each run wraps it afresh
 
 
 def live_tensor_bytes(model: torch.nn.Module) -> int:
@@ -41,17 +41,12 @@ def _run(a1111, tmp_path, how: str, monkeypatch, **changes) -> "object":
                     train_text_encoder=True, overwrite=True)
     config = TrainConfig(**{**settings, **changes})
     job = job_module.TrainingJob()
-    def train(model, config, lora_dir, run_dir, callbacks, **kwargs):
-        on_progress = callbacks.on_progress
 
-        def at_step_2(progress):
-            on_progress(progress)
-            if progress.phase == "training" and progress.step == 2 and how == "cancelled":
-                job.cancel()
-        callbacks.on_progress = at_step_2
-        return REAL_TRAIN(model, config, lora_dir, run_dir, callbacks, **kwargs)
+    def cancel_at_step_2(progress):
+        if progress.phase == "training" and progress.step == 2 and how == "cancelled":
+            job.cancel()
 
-    monkeypatch.setattr(job_module, "train_lora", train)
+    hook_progress(monkeypatch, cancel_at_step_2)
     calls = []
 
     def loss_then_fail_in_step_3(self, *args):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 
-from a1111_stub.harness import (a1111, api_client, load_model_as_a1111, png_bytes,  # noqa: F401
-                                wait_until_finished, write_images)
+from a1111_stub.harness import (a1111, api_client, hook_progress, load_model_as_a1111,  # noqa: F401
+                                png_bytes, wait_until_finished, write_images)
 from lora_dreambooth import guard
 from lora_dreambooth.config import TrainConfig
 
@@ -15,24 +15,16 @@ TEXT = {"checking": "Checking the model…", "reading": "Reading images…", "en
 
 
 def test_status_and_progress_text_name_each_phase_in_order(a1111, tiny_sd1, monkeypatch):
-    from lora_dreambooth.host import job as job_module
-
     load_model_as_a1111(a1111.shared, tiny_sd1)
     client = api_client(a1111)
     seen: list[tuple[str, str, str, int]] = []
-    real_train = job_module.train_lora
 
     def look() -> None:
         body = client.get("/lora-train/v1/status").json()
         seen.append((body["phase"], body["text"], a1111.state.textinfo, body["step"]))
 
-    def train(model, config, lora_dir, run_dir, callbacks, **kwargs):
-        look()  # the host has checked the model and taken its snapshot
-        on_progress = callbacks.on_progress
-        callbacks.on_progress = lambda progress: (on_progress(progress), look())
-        return real_train(model, config, lora_dir, run_dir, callbacks, **kwargs)
-
-    monkeypatch.setattr(job_module, "train_lora", train)
+    # At start the host has checked the model and taken its snapshot.
+    hook_progress(monkeypatch, lambda progress: look(), at_start=look)
     image = base64.b64encode(png_bytes((9, 9, 9))).decode("ascii")
     request = {"trigger": "sks", "steps": 2, "rank": 4, "resolution": 64, "preview_every": 0,
                "instance_images": [image]}

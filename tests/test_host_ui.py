@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from a1111_stub.harness import (QUICK, Event, a1111, component, field_overrides,  # noqa: F401
-                                load_model_as_a1111, load_script, merge_like_a1111, png_bytes,
+                                hook_progress, load_model_as_a1111, load_script, merge_like_a1111, png_bytes,
                                 write_images)
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.guard import state_hash
@@ -153,20 +153,11 @@ def test_start_trains_in_place_and_writes_lora_json_and_card(a1111, tab, tiny_sd
 
 @pytest.mark.parametrize("how", ["cancel", "interrupt", "stop"])
 def test_cancel_or_interrupt_stops_within_a_step_and_saves(a1111, tab, tiny_sd1, monkeypatch, how):
-    from lora_dreambooth.host import job as job_module
-
     load_model_as_a1111(a1111.shared, tiny_sd1)
     write_images(tab.ws.instance_dir, 2)
     stop = {"cancel": tab.job.cancel, "interrupt": a1111.state.interrupt,
             "stop": a1111.state.stop_generating}[how]
-    real_train = job_module.train_lora
-
-    def train_and_stop_at_step_2(model, config, lora_dir, run_dir, callbacks, **kwargs):
-        on_progress = callbacks.on_progress
-        callbacks.on_progress = lambda p: (on_progress(p), p.step == 2 and stop())
-        return real_train(model, config, lora_dir, run_dir, callbacks, **kwargs)
-
-    monkeypatch.setattr(job_module, "train_lora", train_and_stop_at_step_2)
+    hook_progress(monkeypatch, lambda progress: progress.step == 2 and stop())
     out = start(tab, steps=6, preview_every=0)
     status = tab.job.status()
     assert status.state == "cancelled" and status.step == 2
@@ -197,23 +188,17 @@ def test_an_interrupted_preview_is_neither_kept_nor_the_card(a1111, tab, tiny_sd
 
 
 def test_a_failure_restores_the_model_and_writes_nothing(a1111, tab, tiny_sd1, monkeypatch):
-    from lora_dreambooth.host import job as job_module
-
     model = load_model_as_a1111(a1111.shared, tiny_sd1)
     before = state_hash(model)
     write_images(tab.ws.instance_dir, 2)
     gc_calls = []
     monkeypatch.setattr(a1111.devices, "torch_gc", lambda: gc_calls.append(1))
-    real_train = job_module.train_lora
 
-    def train_and_fail(model, config, lora_dir, run_dir, callbacks, **kwargs):
-        def explode(progress):
-            if progress.step == 2:
-                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        callbacks.on_progress = explode
-        return real_train(model, config, lora_dir, run_dir, callbacks, **kwargs)
+    def explode(progress):
+        if progress.step == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(job_module, "train_lora", train_and_fail)
+    hook_progress(monkeypatch, explode)
     out = start(tab)
     status = tab.job.status()
     assert status.state == "failed" and "Out of GPU memory" in status.error

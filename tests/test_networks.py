@@ -12,11 +12,10 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from a1111_lora import a1111_delta
+from a1111_lora import a1111_delta, apply_weight, assert_a1111_exact, file_weights, probe
 from a1111_stub.harness import a1111, api_client, load_model_as_a1111, png_bytes  # noqa: F401
 from lora_dreambooth import networks, resume
 from lora_dreambooth.adapters import inject, network_problem
@@ -55,22 +54,6 @@ def _train(adapters, model, steps: int = 3) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-def _probe(module: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
-    if isinstance(module, torch.nn.Conv2d):
-        return torch.randn(2, module.in_channels, 6, 6, generator=gen)
-    return torch.randn(3, module.in_features, generator=gen)
-
-
-def _with_weight(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, torch.nn.Conv2d):
-        return F.conv2d(x, weight, module.bias, module.stride, module.padding, module.dilation, module.groups)
-    return F.linear(x, weight, module.bias)
-
-
-def _file_layer(tensors: dict[str, torch.Tensor], kohya_name: str) -> dict[str, torch.Tensor]:
-    return {k[len(kohya_name) + 1:]: v for k, v in tensors.items() if k.startswith(kohya_name + ".")}
-
-
 def _kind(module: torch.nn.Module) -> str:
     return f"conv{module.kernel_size[0]}" if isinstance(module, torch.nn.Conv2d) else "linear"
 
@@ -89,18 +72,9 @@ def test_every_type_round_trips_train_export_a1111_resume(tiny_sd1, tmp_path, ne
     tensors = load_file(saved.path)
 
     # Layer by layer: the trained layer is the base layer with A1111's merged weight.
-    gen = torch.Generator().manual_seed(1)
-    kinds = set()
+    assert_a1111_exact(adapters, tensors)
+    kinds = {_kind(layer.base) for layer in adapters.layers}
     with torch.no_grad():
-        for layer in adapters.layers:
-            x = _probe(layer.base, gen)
-            got, plain = layer.wrapper(x), layer.base(x)
-            delta = a1111_delta(_file_layer(tensors, layer.target.kohya_name), layer.base.weight)
-            merged = _with_weight(layer.base, x, layer.base.weight + delta)
-            contribution = (got - plain).norm()
-            assert contribution > 1e-4 * plain.norm(), f"{layer.target.path}: not trained"
-            assert (got - merged).norm() <= 1e-4 * contribution, layer.target.path
-            kinds.add(_kind(layer.base))
         trained_out = _outputs(model)
     assert kinds == ({"linear", "conv1", "conv3"} if networks.get(network).convs else {"linear", "conv1"})
 
@@ -110,7 +84,7 @@ def test_every_type_round_trips_train_export_a1111_resume(tiny_sd1, tmp_path, ne
     with torch.no_grad():
         for target in adapters.targets:
             module = a1111_model.get_submodule(target.path)
-            module.weight += a1111_delta(_file_layer(tensors, target.kohya_name), module.weight)
+            module.weight += a1111_delta(file_weights(tensors, target.kohya_name), module.weight)
         for got, expected, plain in zip(_outputs(a1111_model), trained_out, base):
             assert (got - expected).norm() <= 1e-4 * (expected - plain).norm()
 
@@ -160,7 +134,9 @@ def test_dora_magnitude_is_per_input_column_like_a1111(tiny_sd1):
 @pytest.mark.parametrize("kind", ["linear", "conv1", "conv3"])
 def test_dora_is_what_a1111_applies_and_not_peft_row_norm(tiny_sd1, kind):
     """One target of each kind, magnitude and low-rank part set far from their start: A1111's
-    per-column formula reproduces the layer, peft's per-row one would not."""
+    per-column formula reproduces the layer. With the magnitude back at its start and the same
+    delta, the layer is not what peft's per-row rule gives (M = W + s·up@down rescaled per
+    output row to W's row norms; with no delta both rules give W)."""
     model = tiny_sd1
     target = next(t for t in find_targets(model, "dora") if _kind(model.get_submodule(t.path)) == kind)
     adapters = inject(model, [target], _config("dora"))
@@ -168,21 +144,35 @@ def test_dora_is_what_a1111_applies_and_not_peft_row_norm(tiny_sd1, kind):
         layer = adapters.layers[0]
         tensors = layer_tensors(layer, "dora")
         gen = torch.Generator().manual_seed(3)
+        weight = layer.base.weight
+
+        def a1111_applies(x: torch.Tensor) -> torch.Tensor:
+            file = {k: v.detach().clone() for k, v in tensors.items()} | {"alpha": torch.tensor(layer.alpha)}
+            return apply_weight(layer.base, x, weight + a1111_delta(file, weight))
+
         with torch.no_grad():
             for suffix in ("lora_down.weight", "lora_up.weight"):
                 tensors[suffix].copy_(torch.randn(tensors[suffix].shape, generator=gen) * 0.3)
-            tensors["dora_scale"].mul_(1 + 0.5 * torch.rand(tensors["dora_scale"].shape, generator=gen))
-            file = {k: v.detach() for k, v in tensors.items()} | {"alpha": torch.tensor(layer.alpha)}
-            x = _probe(layer.base, gen)
+            start = tensors["dora_scale"].clone()
+            tensors["dora_scale"].mul_(1 + 0.5 * torch.rand(start.shape, generator=gen))
+            x = probe(layer.base, gen)
             got, plain = layer.wrapper(x), layer.base(x)
-            weight = layer.base.weight
-            merged = _with_weight(layer.base, x, weight + a1111_delta(file, weight))
-            assert (got - merged).norm() <= 1e-4 * (got - plain).norm()
-            low_rank = (file["lora_up.weight"].flatten(1) @ file["lora_down.weight"].flatten(1)).reshape(weight.shape)
-            full = weight + low_rank * layer.alpha / layer.rank
-            row_norm = full.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
-            row_scale = torch.randn(row_norm.shape, generator=gen).abs() + row_norm  # any per-row magnitude
-            peft_like = _with_weight(layer.base, x, full * row_scale / row_norm)
+            assert (got - a1111_applies(x)).norm() <= 1e-4 * (got - plain).norm()
+
+            tensors["dora_scale"].copy_(start)  # ||W||_col, where training starts it
+            got = layer.wrapper(x)
+            assert (got - a1111_applies(x)).norm() <= 1e-4 * (got - plain).norm()
+
+            def row_norm(w: torch.Tensor) -> torch.Tensor:
+                return w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+
+            def peft_rule(merged: torch.Tensor) -> torch.Tensor:
+                return merged * row_norm(weight) / row_norm(merged)  # magnitude ||W||_row, peft's start
+
+            assert torch.allclose(peft_rule(weight), weight)
+            low_rank = (tensors["lora_up.weight"].flatten(1) @ tensors["lora_down.weight"].flatten(1))
+            merged = weight + low_rank.reshape(weight.shape) * layer.alpha / layer.rank
+            peft_like = apply_weight(layer.base, x, peft_rule(merged))
             assert (got - peft_like).norm() > 1e-2 * (got - plain).norm()
     finally:
         adapters.remove()

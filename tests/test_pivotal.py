@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import ROUNDING
 from lora_dreambooth.config import ConfigError, TrainConfig
 from lora_dreambooth.demo import draw_character, write_images
 from lora_dreambooth.embedding import PivotError, find_spans, install_pivot, load_vectors, text_encoders
@@ -20,8 +21,7 @@ from lora_dreambooth.train import TrainingError, train_lora
 
 KEY = "bundle_emb.wpg.string_to_param.*"
 #: A1111's embedding substitution (the tests' stand-in of it) and our pivot are two code paths
-#: doing the same sums in another order: equal up to float32 rounding (2.4e-7 seen on one CPU).
-ROUNDING = {"rtol": 1e-5, "atol": 1e-6}
+#: doing the same sums in another order: equal up to float32 ROUNDING (2.4e-7 seen on one CPU).
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from safetensors import safe_open
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.data import DreamBoothDataset, TagPolicy
 from lora_dreambooth.demo import draw_character, draw_class_image, write_images
-from lora_dreambooth.model import LdmBackend
 from lora_dreambooth.train import TrainCallbacks, train_lora
 
 PROMPT = "sks, red hair, smiling, outdoors, blue coat, hat, looking up"
@@ -118,32 +117,18 @@ def test_without_tag_options_batches_carry_the_prompts_as_written(captioned):
     assert set(prompt_stream(dataset, seed=1, n=10)) == set(dataset.prompts())
 
 
-def _encoded_prompts(monkeypatch) -> list[list[str]]:
-    calls: list[list[str]] = []
-    original = LdmBackend.encode_prompts
-
-    def spy(self, prompts):
-        calls.append(list(prompts))
-        return original(self, prompts)
-
-    monkeypatch.setattr(LdmBackend, "encode_prompts", spy)
-    return calls
-
-
 def test_conditioning_cache_is_off_when_tags_change_per_step_and_on_otherwise(
-        tiny_sd1, captioned, tmp_path, monkeypatch):
-    calls = _encoded_prompts(monkeypatch)
+        tiny_sd1, captioned, tmp_path, encoded_prompts):
+    """Without tag options the cache is on (test_train proves it encodes each prompt once)."""
     train_lora(tiny_sd1, config(captioned, shuffle_tags=True), str(tmp_path / "a"), str(tmp_path / "ra"))
-    assert len(calls) == 6  # one micro-batch per step, encoded as it comes
-    assert len({p for c in calls for p in c}) > 3  # shuffled variants reached the text encoder
-    calls.clear()
-    train_lora(tiny_sd1, config(captioned), str(tmp_path / "b"), str(tmp_path / "rb"))
-    assert sorted(calls) == sorted([p] for p in DreamBoothDataset(config(captioned)).prompts())  # once each
-    calls.clear()
-    # Shuffling a single free tag changes nothing: the cache stays on.
+    assert len(encoded_prompts) == 6  # one micro-batch per step, encoded as it comes
+    assert len({p for prompts, _ in encoded_prompts for p in prompts}) > 3  # shuffled variants reached the text encoder
+    encoded_prompts.clear()
+    # Shuffling a single free tag changes nothing: the cache stays on, each prompt encoded once.
     one_tag = config(captioned, shuffle_tags=True, keep_tokens=4)
     train_lora(tiny_sd1, one_tag, str(tmp_path / "c"), str(tmp_path / "rc"))
-    assert len(calls) == 3
+    assert sorted(prompts for prompts, _ in encoded_prompts) == sorted([p] for p in DreamBoothDataset(one_tag).prompts())
+    assert len(encoded_prompts) == 3
 
 
 def test_a_run_with_shuffled_tags_trains_and_records_kohya_metadata(tiny_sd1, captioned, tmp_path):
@@ -160,11 +145,11 @@ def test_a_run_with_shuffled_tags_trains_and_records_kohya_metadata(tiny_sd1, ca
     assert metadata["ss_caption_tag_dropout_rate"] == "0.25"
 
 
-def test_a_resumed_run_sees_the_prompts_of_an_uninterrupted_one(tiny_sd1, captioned, tmp_path, monkeypatch):
+def test_a_resumed_run_sees_the_prompts_of_an_uninterrupted_one(tiny_sd1, captioned, tmp_path, encoded_prompts):
     """The replay of a resumed run draws each replayed micro-batch's tags too, so steps 3-4
     get exactly the prompts an uninterrupted 4-step run gave them."""
     twin = copy.deepcopy(tiny_sd1)
-    calls = _encoded_prompts(monkeypatch)
+    calls = encoded_prompts
     tags = dict(shuffle_tags=True, tag_dropout=0.3)
     train_lora(tiny_sd1, config(captioned, steps=4, **tags), str(tmp_path / "s"), str(tmp_path / "rs"))
     straight = list(calls)

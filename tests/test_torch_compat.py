@@ -118,16 +118,21 @@ def test_autocast_support_probe_agrees_with_autocast():
 
 def test_checkpoint_recomputes_with_keyword_arguments_and_reaches_frozen_layers():
     """As model.py uses it: a frozen block whose input needs no gradient, an fp32 parameter
-    inside (an adapter), keyword arguments passed through."""
+    inside (an adapter), keyword arguments passed through; the block runs again in backward."""
     torch.manual_seed(0)
     frozen = torch.nn.Linear(4, 4).requires_grad_(False)
     adapter = torch.nn.Parameter(torch.randn(4, 4))
+    runs = []
 
     def block(x, *, scale):
+        runs.append(scale)
         return frozen(x) + scale * x @ adapter
 
     x = torch.randn(3, 4)
-    torch_compat.checkpoint(block, x, scale=0.5).square().sum().backward()
+    loss = torch_compat.checkpoint(block, x, scale=0.5).square().sum()
+    assert runs == [0.5]  # the forward
+    loss.backward()
+    assert runs == [0.5, 0.5]  # recomputed in backward, with the keyword argument
     checkpointed, adapter.grad = adapter.grad, None
     block(x, scale=0.5).square().sum().backward()
     assert checkpointed is not None

@@ -305,22 +305,12 @@ def test_8bit_adamw_falls_back_with_a_message_without_cuda(tiny_sd1, images, tmp
 
 
 @pytest.mark.parametrize("train_text_encoder", [False, True])
-def test_conditionings_are_cached_only_while_the_text_encoder_is_frozen(tiny_sd1, images, tmp_path,
+def test_conditionings_are_cached_only_while_the_text_encoder_is_frozen(tiny_sd1, images, tmp_path, encoded_prompts,
                                                                         train_text_encoder):
-    calls = []
-    original = LdmBackend.encode_prompts
-
-    def counting(self, prompts):
-        calls.append((list(prompts), torch.is_grad_enabled()))
-        return original(self, prompts)
-
-    LdmBackend.encode_prompts = counting
-    try:
-        run(tiny_sd1, make_config(images, steps=3, train_text_encoder=train_text_encoder,
-                                  class_dir=images["class"], class_prompt="person", regularization=1.0),
-            tmp_path)
-    finally:
-        LdmBackend.encode_prompts = original
+    calls = encoded_prompts
+    run(tiny_sd1, make_config(images, steps=3, train_text_encoder=train_text_encoder,
+                              class_dir=images["class"], class_prompt="person", regularization=1.0),
+        tmp_path)
     if train_text_encoder:  # every micro-batch, with gradients
         assert calls == [(["wpg", "person"], True)] * 3
     else:  # each distinct prompt once, without gradients

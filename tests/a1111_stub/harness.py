@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -179,3 +179,27 @@ def wait_until_finished(client, timeout: float = 60) -> dict:
             return status
         time.sleep(0.05)
     raise AssertionError("training did not finish")
+
+
+def hook_progress(monkeypatch, hook: Callable[[Any], Any], at_start: Optional[Callable[[], Any]] = None) -> None:
+    """Make the host job's ``train_lora`` call ``hook(progress)`` after the host's own callback
+    has handled each progress report, and ``at_start()`` once before training (the host has
+    then checked the model and taken its snapshot). It wraps the real
+    ``lora_dreambooth.train.train_lora``, so a test may hook run after run."""
+    from lora_dreambooth import train
+    from lora_dreambooth.host import job
+
+    real_train = train.train_lora
+
+    def hooked_train(model, config, lora_dir, run_dir, callbacks, **kwargs):
+        if at_start is not None:
+            at_start()
+        host_on_progress = callbacks.on_progress
+
+        def on_progress(progress) -> None:
+            host_on_progress(progress)
+            hook(progress)
+        callbacks.on_progress = on_progress
+        return real_train(model, config, lora_dir, run_dir, callbacks, **kwargs)
+
+    monkeypatch.setattr(job, "train_lora", hooked_train)
