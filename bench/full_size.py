@@ -39,9 +39,7 @@ def sd15_model(work: str) -> torch.nn.Module:
     """An SD1.5-sized ``LatentDiffusion`` (fp32, CPU, eval) as A1111 holds it."""
     from ldm.models.diffusion.ddpm import disabled_train
 
-    clip_dir = os.path.join(work, "clip-768x12")
-    os.makedirs(clip_dir, exist_ok=True)
-    write_tiny_clip(clip_dir, *CLIP_L)
+    clip_dir = write_tiny_clip(os.path.join(work, "clip-768x12"), *CLIP_L)
     model = build_tiny_sd1(clip_dir=clip_dir, model_channels=320, channel_mult=(1, 2, 4, 4), context_dim=768,
                            num_heads=8)
     vae = sd_vae().eval()
@@ -56,9 +54,7 @@ def sdxl_model(work: str) -> torch.nn.Module:
     SDXL stand-in (``build_tiny_sdxl``) with SDXL base's UNet, text encoders and SD's VAE."""
     from tests.tiny_models import build_tiny_sdxl
 
-    clip_dir = os.path.join(work, "clip-l")
-    os.makedirs(clip_dir, exist_ok=True)
-    write_tiny_clip(clip_dir, *CLIP_L)
+    clip_dir = write_tiny_clip(os.path.join(work, "clip-l"), *CLIP_L)
     return build_tiny_sdxl(clip_dir=clip_dir, te1=CLIP_L, te2=OPENCLIP_BIGG, size_embedding=SDXL_SIZE_EMBEDDING,
                            unet={}, vae=sd_vae())
 

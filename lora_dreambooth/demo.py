@@ -62,37 +62,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    from .tiny import build_tiny_sd1  # imports ldm, which is slow: time it with the build
-    work = tempfile.mkdtemp(prefix="lora-demo-")
-    model = build_tiny_sd1(seed=0)
-    built = time.perf_counter()
-    print(f"tiny SD1 model built in {built - started:.1f} s "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
+    from .tiny import build_tiny_sd1, write_tiny_clip  # imports ldm, which is slow: time it with the build
+    with tempfile.TemporaryDirectory(prefix="lora-demo-") as work:  # images and CLIP, removed after
+        model = build_tiny_sd1(seed=0, clip_dir=write_tiny_clip(os.path.join(work, "clip")))
+        built = time.perf_counter()
+        print(f"tiny SD1 model built in {built - started:.1f} s "
+              f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
 
-    config = TrainConfig(
-        trigger=args.name, class_prompt="a photo of a person", regularization=0.5,
-        instance_dir=write_images(os.path.join(work, "instance"), draw_character, 4),
-        class_dir=write_images(os.path.join(work, "class"), draw_class_image, 4),
-        steps=args.steps, learning_rate=1e-3, batch_size=2, rank=8, alpha=8.0, network=args.network,
-        resolution=64, preview_every=10, preview_steps=10, seed=1, overwrite=True,
-    )
-    step_started = [time.perf_counter()]
+        config = TrainConfig(
+            trigger=args.name, class_prompt="a photo of a person", regularization=0.5,
+            instance_dir=write_images(os.path.join(work, "instance"), draw_character, 4),
+            class_dir=write_images(os.path.join(work, "class"), draw_class_image, 4),
+            steps=args.steps, learning_rate=1e-3, batch_size=2, rank=8, alpha=8.0, network=args.network,
+            resolution=64, preview_every=10, preview_steps=10, seed=1, overwrite=True,
+        )
+        step_started = [time.perf_counter()]
 
-    def on_progress(p: Progress) -> None:
-        if p.phase == "training":
-            now = time.perf_counter()
-            print(f"step {p.step:3d}/{p.total}  loss {p.loss:.4f}  lr {p.lr:.1e}  "
-                  f"{p.samples_per_s:5.1f} samples/s  {now - step_started[0]:.2f} s/step  eta {p.eta_s:.0f} s")
-            step_started[0] = now
+        def on_progress(p: Progress) -> None:
+            if p.phase == "training":
+                now = time.perf_counter()
+                print(f"step {p.step:3d}/{p.total}  loss {p.loss:.4f}  lr {p.lr:.1e}  "
+                      f"{p.samples_per_s:5.1f} samples/s  {now - step_started[0]:.2f} s/step  eta {p.eta_s:.0f} s")
+                step_started[0] = now
 
-    callbacks = TrainCallbacks(on_progress=on_progress, on_log=lambda m: print(f"  {m}"),
-                               on_preview=lambda step, image, path: print(f"  preview {path}"))
-    os.makedirs(args.out, exist_ok=True)
-    result = train_lora(model, config, args.out, os.path.join(args.out, "run"), callbacks)
-    finished = time.perf_counter()
-    print(f"trained {result.steps_done} steps in {finished - built:.1f} s "
-          f"(total {finished - started:.1f} s)")
-    print(f"wrote {result.path}\nwrote {result.sidecar_path}")
-    for path in result.previews:
-        print(f"wrote {path}")
+        callbacks = TrainCallbacks(on_progress=on_progress, on_log=lambda m: print(f"  {m}"),
+                                   on_preview=lambda step, image, path: print(f"  preview {path}"))
+        os.makedirs(args.out, exist_ok=True)
+        result = train_lora(model, config, args.out, os.path.join(args.out, "run"), callbacks)
+        finished = time.perf_counter()
+        print(f"trained {result.steps_done} steps in {finished - built:.1f} s "
+              f"(total {finished - started:.1f} s)")
+        print(f"wrote {result.path}\nwrote {result.sidecar_path}")
+        for path in result.previews:
+            print(f"wrote {path}")
     return 0

@@ -41,8 +41,11 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def write_tiny_clip(folder: str, hidden: int = 32, layers: int = 2, heads: int = 2) -> str:
     """Write a tiny CLIP text model and tokenizer (random weights) that
-    ``CLIPTextModel.from_pretrained`` / ``CLIPTokenizer.from_pretrained`` read offline."""
+    ``CLIPTextModel.from_pretrained`` / ``CLIPTokenizer.from_pretrained`` read offline, in
+    ``folder`` (made if missing)."""
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    os.makedirs(folder, exist_ok=True)
 
     alphabet = list(_bytes_to_unicode().values())
     vocab_tokens = alphabet + [c + "</w>" for c in alphabet]
