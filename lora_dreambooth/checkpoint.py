@@ -46,6 +46,17 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, read with safetensors (never unpickled)."""
+    return _read(path, lambda f, key: f.get_tensor(key))
+
+
+def inspect(path: str) -> str:
+    """The checkpoint's family ("sd1", "sd2", "sdxl") from its header alone (see
+    :func:`model_family`): what a run checks before it starts anything."""
+    shapes = _read(path, lambda f, key: torch.empty(f.get_slice(key).get_shape(), device="meta"))
+    return model_family(shapes)
+
+
+def _read(path: str, get) -> dict[str, torch.Tensor]:
     if not path.lower().endswith(".safetensors"):
         raise CheckpointError(f"{path}: only .safetensors checkpoints are read (a .ckpt is a pickle, which "
                               "this trainer never opens); convert it to .safetensors first")
@@ -53,7 +64,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such file")
     try:
         with safetensors.safe_open(path, "pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: get(f, key) for key in f.keys()}
     except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     if not tensors:

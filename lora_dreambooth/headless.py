@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import distributed, export
+from . import checkpoint, distributed, export
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import NoImagesError
@@ -148,6 +148,7 @@ def main(argv: list[str]) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # before the processes know each other
     try:
         config = read_settings(args.settings)
+        checkpoint.inspect(args.checkpoint)
         check_writable(args.out)
         parallel = distributed.for_this_process()
         try:
