@@ -153,7 +153,7 @@ def latent_diffusion_config(cond_stage_config: dict[str, Any], unet: dict[str, A
     }}
 
 
-def write_tiny_checkpoint(folder: str, seed: int = 0, clip_dir: str | None = None) -> str:
+def write_tiny_checkpoint(folder: str, seed: int = 0, clip_dir: str | None = None, model_channels: int = 32) -> str:
     """``folder/tiny-sd1.safetensors`` with its ldm config ``tiny-sd1.yaml`` beside it (whose
     text encoder is read from ``clip_dir``, written in ``folder/clip`` when not given): a
     checkpoint headless runs load as they load a real one. Returns the checkpoint's path."""
@@ -162,10 +162,10 @@ def write_tiny_checkpoint(folder: str, seed: int = 0, clip_dir: str | None = Non
 
     os.makedirs(folder, exist_ok=True)
     clip_dir = clip_dir or write_tiny_clip(os.path.join(folder, "clip"))
-    model = build_tiny_sd1(seed=seed, clip_dir=clip_dir)
+    model = build_tiny_sd1(seed=seed, clip_dir=clip_dir, model_channels=model_channels)
     path = os.path.join(folder, "tiny-sd1.safetensors")
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    OmegaConf.save(OmegaConf.create(sd1_config(clip_dir)), os.path.join(folder, "tiny-sd1.yaml"))
+    OmegaConf.save(OmegaConf.create(sd1_config(clip_dir, model_channels)), os.path.join(folder, "tiny-sd1.yaml"))
     return path
 
 
