@@ -167,9 +167,8 @@ def _train(config: TrainConfig, args: argparse.Namespace, parallel: distributed.
     talk(f"loading {args.checkpoint}" + (f" with {args.webui}'s ldm/sgm" if args.webui else ""))
     model = load_checkpoint(args.checkpoint, args.webui, device, half=not args.no_half)
     if parallel.num_processes > 1:
-        talk(f"data-parallel on {parallel.num_processes} processes: {config.batch_size} × "
-             f"{config.gradient_accumulation} × {parallel.num_processes} = "
-             f"{config.batch_size * config.gradient_accumulation * parallel.num_processes} samples per step")
+        talk(f"data-parallel on {parallel.num_processes} processes: each step takes batch × accumulation "
+             "samples from each")
     bar = ProgressBar()
     with StopOnSignal(talk) as stop:
         callbacks = TrainCallbacks(on_progress=bar if parallel.is_main else None, should_stop=stop,

@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import export, resume, torch_compat
 from .adapters import Adapters
-from .config import TrainConfig
+from .config import TrainConfig, epoch_arithmetic
 from .data import DreamBoothDataset, MicroBatch
 from .distributed import SingleProcess
 from .embedding import Pivot
@@ -235,6 +235,10 @@ class TrainingLoop:
 
     def run(self) -> tuple[int, bool]:
         config = self.config
+        processes = self.parallel.num_processes
+        self.log(epoch_arithmetic(self.dataset.num_instance_images, config.batch_size, config.gradient_accumulation,
+                                  config.steps, processes)
+                 .describe(config.batch_size, config.gradient_accumulation, config.steps, processes))
         self._caching_progress(0, 0)  # latents (when cacheable) and prompts are encoded first
         if self.dataset.cacheable:
             self.dataset.cache_latents(self.backend.encode_moments, on_progress=self._caching_progress)

@@ -97,6 +97,8 @@ def test_only_the_main_process_writes_and_the_file_says_two_processes(two_proces
                                                               "preview-00003.png"]
     assert [int(r["step"]) for r in csv.DictReader(open(run_dirs[0] / "loss.csv"))] == [1, 2, 3]
     assert stdout.count("finished after 3 steps") == 1 and stderr.count("data-parallel on 2 processes") == 1
+    # the lecture's arithmetic, once: 3 images, 1 × 2 × 2 = 4 samples per step
+    assert stderr.count("3 images, batch 1, accumulation 2 × 2 processes, 3 steps → 12 samples, 4 epochs") == 1
     model = build_tiny_sd1(seed=0, clip_dir=os.path.join(os.path.dirname(checkpoint), "clip"))
     metadata = assert_lora_file_passes_export_checks(str(out / "wpg.safetensors"), model, config)
     # 1 sample × 2 micro-batches × 2 processes per step
