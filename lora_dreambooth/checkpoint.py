@@ -154,8 +154,8 @@ def load_checkpoint(path: str, webui: Optional[str] = None, device: Optional[tor
         model.parameterization = "v"  # A1111's v2-inference-v.yaml, found by the same probe
     model.is_sdxl, model.is_sd2 = family == "sdxl", family == "sd2"
     model.is_sd1 = family == "sd1"
-    if family == "sdxl" and not hasattr(model, "apply_model"):
-        model.apply_model = types.MethodType(_sgm_apply_model, model)  # what A1111 adds to sgm
+    if family == "sdxl":
+        _extend_sdxl(model)
     model.eval().requires_grad_(False)
     return _place(model, device or torch.device("cpu"), half)
 
@@ -171,6 +171,9 @@ def _instantiate(config: str, family: str) -> torch.nn.Module:
     for encoder in _encoder_configs(params, family):
         if "OpenCLIP" in str(encoder.get("target", "")) and "version" in encoder.get("params", {}):
             encoder.params.version = None
+    if family == "sdxl":  # as A1111 sets sgm up: torch's attention, no xformers
+        import sgm.modules.attention
+        sgm.modules.attention.SDP_IS_AVAILABLE, sgm.modules.attention.XFORMERS_IS_AVAILABLE = True, False
     from ldm.util import instantiate_from_config
     try:
         return instantiate_from_config(settings.model)
@@ -193,6 +196,17 @@ def _predicts_v(model: torch.nn.Module) -> bool:
         x = torch.full((1, 4, 8, 8), 0.5)
         out = (unet(x, torch.asarray([999]), context=context) - x).mean().item()
     return out < -1
+
+
+def _extend_sdxl(model: torch.nn.Module) -> None:
+    """What A1111's ``sd_models_xl.extend_sdxl`` adds to an sgm ``DiffusionEngine`` and this
+    trainer reads: ``apply_model``, ``parameterization`` and ``alphas_cumprod`` (fp32)."""
+    from sgm.modules.diffusionmodules.denoiser_scaling import VScaling
+    from sgm.modules.diffusionmodules.discretizer import LegacyDDPMDiscretization
+
+    model.apply_model = types.MethodType(_sgm_apply_model, model)
+    model.parameterization = "v" if isinstance(model.denoiser.scaling, VScaling) else "eps"
+    model.alphas_cumprod = torch.asarray(LegacyDDPMDiscretization().alphas_cumprod, dtype=torch.float32)
 
 
 def _sgm_apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -55,10 +55,12 @@ def checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def two_processes(checkpoint, images, tmp_path_factory):
     """A 2-process run at batch 1 (prior preservation, accumulation 2, pivotal tuning, a
-    preview): (its output folder, its settings, what it printed)."""
+    preview, and what draws from the generator or changes the backward: flips, noise offset,
+    min-SNR, gradient checkpointing): (its output folder, its settings, what it printed)."""
     folder = tmp_path_factory.mktemp("two")
     settings = settings_file(folder, images, batch_size=1, gradient_accumulation=2, pivotal=True,
-                             preview_every=3, preview_steps=2)
+                             preview_every=3, preview_steps=2, flip=True, noise_offset=0.05, min_snr_gamma=5.0,
+                             gradient_checkpointing=True)
     out = folder / "out"
     process = launch(2, command(settings, checkpoint, str(out)))
     stdout, stderr = process.communicate(timeout=600)
