@@ -157,8 +157,16 @@ def main(argv: list[str]) -> int:
             parallel.close()
     except (InputError, *INPUT_ERRORS) as error:
         if main_process:
-            print(f"error: {error}", file=sys.stderr)
+            problems = getattr(error, "problems", None)
+            if problems and len(problems) > 1:
+                print("error: the settings cannot train:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+            else:
+                print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while loading: nothing trained yet (later it stops the run)
+        if main_process:
+            print("interrupted before training: nothing saved", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _train(config: TrainConfig, args: argparse.Namespace, parallel: distributed.SingleProcess) -> int:
