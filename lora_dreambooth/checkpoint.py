@@ -14,6 +14,7 @@ set, on ``device``; on CUDA the UNet and text encoders in fp16 unless ``half`` i
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import types
@@ -166,11 +167,7 @@ def _instantiate(config: str, family: str) -> torch.nn.Module:
         settings = OmegaConf.load(config)
     except Exception as error:
         raise CheckpointError(f"{config}: not a readable yaml config ({error})") from None
-    params = settings.model.params
-    # OpenCLIP text encoders: their weights are in the checkpoint, nothing is downloaded.
-    for encoder in _encoder_configs(params, family):
-        if "OpenCLIP" in str(encoder.get("target", "")) and "version" in encoder.get("params", {}):
-            encoder.params.version = None
+    _repair(settings.model.params, family)
     if family == "sdxl":  # as A1111 sets sgm up: torch's attention, no xformers
         import sgm.modules.attention
         sgm.modules.attention.SDP_IS_AVAILABLE, sgm.modules.attention.XFORMERS_IS_AVAILABLE = True, False
@@ -181,10 +178,23 @@ def _instantiate(config: str, family: str) -> torch.nn.Module:
         raise CheckpointError(f"cannot build the model of {config}: {type(error).__name__}: {error}") from None
 
 
-def _encoder_configs(params, family: str) -> list:
-    if family == "sdxl":
-        return list(params.conditioner_config.params.emb_models)
-    return [params.cond_stage_config]
+def _repair(params, family: str) -> None:
+    """What A1111's ``sd_models.repair_config`` changes in a config (no EMA copy, no ldm
+    activation checkpointing: the run's own setting decides; a plain-attention VAE without
+    xformers), and OpenCLIP text encoders built without downloading their pretrained weights:
+    the checkpoint holds them."""
+    if "use_ema" not in params:
+        params.use_ema = False
+    for network in ("unet_config", "network_config"):
+        if network in params:
+            params[network].params.use_checkpoint = False
+    ddconfig = params.get("first_stage_config", {}).get("params", {}).get("ddconfig", {})
+    if ddconfig.get("attn_type") == "vanilla-xformers" and importlib.util.find_spec("xformers") is None:
+        ddconfig.attn_type = "vanilla"
+    encoders = list(params.conditioner_config.params.emb_models) if family == "sdxl" else [params.cond_stage_config]
+    for encoder in encoders:
+        if "OpenCLIP" in str(encoder.get("target", "")) and "version" in encoder.get("params", {}):
+            encoder.params.version = None
 
 
 def _predicts_v(model: torch.nn.Module) -> bool:

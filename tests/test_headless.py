@@ -74,6 +74,19 @@ def test_the_checkpoint_loads_as_a1111_holds_the_model(checkpoint):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
+def test_the_config_is_repaired_as_a1111_repairs_it(checkpoint, tmp_path):
+    """ldm's own activation checkpointing off (the run's setting decides), as A1111 does."""
+    from omegaconf import OmegaConf
+    config = OmegaConf.load(checkpoint[:-len(".safetensors")] + ".yaml")
+    config.model.params.unet_config.params.use_checkpoint = True
+    copy = str(tmp_path / "model.safetensors")
+    os.symlink(checkpoint, copy)
+    OmegaConf.save(config, str(tmp_path / "model.yaml"))
+    unet = load_checkpoint(copy).model.diffusion_model
+    flags = [m.checkpoint for m in unet.modules() if hasattr(m, "checkpoint") and isinstance(m.checkpoint, bool)]
+    assert flags and not any(flags)
+
+
 def test_a_webui_folder_gives_ldm_and_the_config(checkpoint, tmp_path):
     """With --webui, ldm is imported from its repositories/ and the config comes from its
     configs/ when none is beside the checkpoint (a fresh process: ldm is not imported yet)."""
