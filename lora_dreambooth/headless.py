@@ -11,6 +11,8 @@ is then 128 + the signal's number. Bad input is reported before any training, wi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import signal
@@ -173,7 +175,9 @@ def _train(config: TrainConfig, args: argparse.Namespace, parallel: distributed.
     device = parallel.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     talk = say if parallel.is_main else (lambda message: None)
     talk(f"loading {args.checkpoint}" + (f" with {args.webui}'s ldm/sgm" if args.webui else ""))
-    model = load_checkpoint(args.checkpoint, args.webui, device, half=not args.no_half)
+    quiet = contextlib.nullcontext() if parallel.is_main else contextlib.redirect_stdout(io.StringIO())
+    with quiet:  # ldm prints as it builds the model: once is enough
+        model = load_checkpoint(args.checkpoint, args.webui, device, half=not args.no_half)
     if parallel.num_processes > 1:
         talk(f"data-parallel on {parallel.num_processes} processes: each step takes batch × accumulation "
              "samples from each")

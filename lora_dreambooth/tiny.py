@@ -161,7 +161,9 @@ def write_tiny_checkpoint(folder: str, seed: int = 0, clip_dir: str | None = Non
     from omegaconf import OmegaConf
 
     os.makedirs(folder, exist_ok=True)
-    clip_dir = clip_dir or write_tiny_clip(os.path.join(folder, "clip"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the same text encoder every time, too
+        clip_dir = clip_dir or write_tiny_clip(os.path.join(folder, "clip"))
     model = build_tiny_sd1(seed=seed, clip_dir=clip_dir, model_channels=model_channels)
     path = os.path.join(folder, "tiny-sd1.safetensors")
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
