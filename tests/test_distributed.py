@@ -190,3 +190,14 @@ print("first now", first.mixed_precision)
                           timeout=120)
     assert "second refused: AcceleratorState has already been initialized and cannot be changed" in done.stdout
     assert "first now bf16" in done.stdout
+
+
+def test_a_run_in_one_process_leaves_accelerate_alone(tiny_sd1, images, tmp_path):
+    """The tab's and the API's runs (no ``parallel``) create no accelerate state that would
+    fix the precision of a later run or another extension in the same A1111 process."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    config = TrainConfig(trigger="wpg", instance_dir=images["instance"], resolution=64, steps=1, rank=4, alpha=4.0)
+    result = train_lora(tiny_sd1, config, str(tmp_path), str(tmp_path / "run"))
+    assert result.path and result.steps_done == 1
+    assert AcceleratorState._shared_state == {} and PartialState._shared_state == {}
