@@ -224,6 +224,12 @@ def _sgm_apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torc
 
 
 def _place(model: torch.nn.Module, device: torch.device, half: bool) -> torch.nn.Module:
+    """On ``device``, halved as A1111 halves it. The text encoders move their tokens to their
+    own ``device`` attribute (ldm's and sgm's default to "cuda", i.e. GPU 0): set it too."""
+    encoders = list(model.conditioner.embedders) if hasattr(model, "conditioner") else [model.cond_stage_model]
+    for encoder in encoders:
+        if isinstance(vars(encoder).get("device"), (str, torch.device)):
+            encoder.device = device
     if device.type == "cuda" and half:
         vae = model.first_stage_model
         alphas_cumprod = model.alphas_cumprod

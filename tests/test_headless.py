@@ -75,16 +75,21 @@ def test_the_checkpoint_loads_as_a1111_holds_the_model(checkpoint):
 
 
 def test_the_config_is_repaired_as_a1111_repairs_it(checkpoint, tmp_path):
-    """ldm's own activation checkpointing off (the run's setting decides), as A1111 does."""
+    """ldm's own activation checkpointing off (the run's setting decides), as A1111 does; the
+    text encoder on the model's device, not on ldm's default "cuda"."""
     from omegaconf import OmegaConf
     config = OmegaConf.load(checkpoint[:-len(".safetensors")] + ".yaml")
     config.model.params.unet_config.params.use_checkpoint = True
+    del config.model.params.cond_stage_config.params["device"]  # ldm's default: "cuda"
     copy = str(tmp_path / "model.safetensors")
     os.symlink(checkpoint, copy)
     OmegaConf.save(config, str(tmp_path / "model.yaml"))
-    unet = load_checkpoint(copy).model.diffusion_model
-    flags = [m.checkpoint for m in unet.modules() if hasattr(m, "checkpoint") and isinstance(m.checkpoint, bool)]
+    model = load_checkpoint(copy)
+    flags = [m.checkpoint for m in model.model.diffusion_model.modules()
+             if hasattr(m, "checkpoint") and isinstance(m.checkpoint, bool)]
     assert flags and not any(flags)
+    assert model.cond_stage_model.device == torch.device("cpu")
+    assert model.get_learned_conditioning(["a photo of wpg"]).shape == (1, 77, 32)
 
 
 def test_a_webui_folder_gives_ldm_and_the_config(checkpoint, tmp_path):
