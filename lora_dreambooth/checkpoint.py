@@ -14,11 +14,12 @@ set, on ``device``; on CUDA the UNet and text encoders in fp16 unless ``half`` i
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
 import types
-from typing import Optional
+from typing import Iterator, Optional
 
 import safetensors
 import torch
@@ -173,7 +174,8 @@ def _instantiate(config: str, family: str) -> torch.nn.Module:
         sgm.modules.attention.SDP_IS_AVAILABLE, sgm.modules.attention.XFORMERS_IS_AVAILABLE = True, False
     from ldm.util import instantiate_from_config
     try:
-        return instantiate_from_config(settings.model)
+        with _text_models_from_config():
+            return instantiate_from_config(settings.model)
     except Exception as error:
         raise CheckpointError(f"cannot build the model of {config}: {type(error).__name__}: {error}") from None
 
@@ -195,6 +197,24 @@ def _repair(params, family: str) -> None:
     for encoder in encoders:
         if "OpenCLIP" in str(encoder.get("target", "")) and "version" in encoder.get("params", {}):
             encoder.params.version = None
+
+
+@contextlib.contextmanager
+def _text_models_from_config() -> Iterator[None]:
+    """Hugging Face CLIP text models built from their config alone while the model is built:
+    the checkpoint holds their weights (A1111 skips loading them the same way), so only the
+    config and tokenizer are read (``version``: a folder, or the Hugging Face cache A1111
+    filled), and no weights file is downloaded or read."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def from_config(cls, name, *args, **kwargs):
+        return cls(CLIPTextConfig.from_pretrained(name))
+
+    CLIPTextModel.from_pretrained = classmethod(from_config)
+    try:
+        yield
+    finally:
+        del CLIPTextModel.from_pretrained  # PreTrainedModel's again
 
 
 def _predicts_v(model: torch.nn.Module) -> bool:
