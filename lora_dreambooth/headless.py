@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -78,7 +78,7 @@ class StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, say):
+    def __init__(self, say: Callable[[str], None]):
         self.received: Optional[int] = None
         self._event = threading.Event()
         self._say = say
