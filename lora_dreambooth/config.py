@@ -265,14 +265,17 @@ class EpochArithmetic:
     samples_seen: int
     epochs: float
 
-    def describe(self, batch_size: int, accumulation: int, steps: int) -> str:
-        return (f"{self.images} images, batch {batch_size}, accumulation {accumulation}, "
+    def describe(self, batch_size: int, accumulation: int, steps: int, processes: int = 1) -> str:
+        parallel = f" × {processes} processes" if processes > 1 else ""
+        return (f"{self.images} images, batch {batch_size}, accumulation {accumulation}{parallel}, "
                 f"{steps} steps → {self.samples_seen} samples, {self.epochs:g} epochs")
 
 
-def epoch_arithmetic(images: int, batch_size: int, accumulation: int, steps: int) -> EpochArithmetic:
-    """The lecture's arithmetic: 5 images × 3 epochs = 15 samples = 8 steps at batch 2."""
-    per_step = batch_size * accumulation
+def epoch_arithmetic(images: int, batch_size: int, accumulation: int, steps: int,
+                     processes: int = 1) -> EpochArithmetic:
+    """The lecture's arithmetic: 5 images × 3 epochs = 15 samples = 8 steps at batch 2. A
+    data-parallel run's step holds every process's batch: ``processes`` × batch × accumulation."""
+    per_step = batch_size * accumulation * processes
     seen = per_step * steps
     epochs = round(seen / images, 2) if images else 0.0
     return EpochArithmetic(images, per_step, seen, epochs)

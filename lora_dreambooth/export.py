@@ -138,7 +138,7 @@ def version_info(sd_version: str) -> tuple[str, str, str, str]:
         raise ValueError(f"sd_version must be one of {', '.join(_VERSIONS)}, got {sd_version!r}") from None
 
 
-def describe(config: TrainConfig, steps_done: int) -> str:
+def describe(config: TrainConfig, steps_done: int, processes: int = 1) -> str:
     """The hyperparameters in one readable line (the sidecar's "notes")."""
     te = f"text encoder lr {config.text_encoder_lr:g}" if config.train_text_encoder else "text encoder frozen"
     reg = (f"regularization {config.regularization:g} with '{config.class_prompt}'"
@@ -151,16 +151,22 @@ def describe(config: TrainConfig, steps_done: int) -> str:
     return (f"lora-dreambooth: {config.network}, rank {config.rank}, conv rank {config.conv_rank}, "
             f"{alphas}; {steps_done} of "
             f"{config.steps} steps, batch {config.batch_size} × accumulation "
-            f"{config.gradient_accumulation}, lr {config.learning_rate:g} ({config.lr_schedule}), "
+            f"{config.gradient_accumulation}{_processes(processes)}, lr {config.learning_rate:g} ({config.lr_schedule}), "
             f"{te}{pivotal}, {config.optimizer}, resolution {config.resolution}, {reg}, seed {config.seed}")
+
+
+def _processes(processes: int) -> str:
+    return f" × {processes} processes" if processes > 1 else ""
 
 
 def lora_metadata(adapters: Adapters, config: TrainConfig, name: str, *, sd_version: str,
                   steps_done: int, num_train_images: int, tag_frequency: dict,
                   cover_image: "Optional[Image.Image]" = None,
-                  extra_metadata: Optional[dict] = None) -> dict[str, str]:
+                  extra_metadata: Optional[dict] = None, processes: int = 1) -> dict[str, str]:
     """kohya's ``ss_*`` and SAI ``modelspec.*`` fields, all strings. ``extra_metadata`` is
-    added first, so it cannot override these (``sshs_model_hash`` is added by ``save_lora``)."""
+    added first, so it cannot override these (``sshs_model_hash`` is added by ``save_lora``).
+    ``processes``: data-parallel processes; the samples per step, kohya's
+    ``ss_total_batch_size``, are batch × accumulation × processes."""
     base_version, v2, architecture, _ = version_info(sd_version)
     network = networks.get(adapters.network)
     te_lr = config.text_encoder_lr if config.train_text_encoder else 0.0
@@ -181,6 +187,7 @@ def lora_metadata(adapters: Adapters, config: TrainConfig, name: str, *, sd_vers
         "ss_text_encoder_lr": te_lr,
         "ss_network_train_unet_only": not config.train_text_encoder,
         "ss_batch_size_per_device": config.batch_size,
+        "ss_total_batch_size": config.batch_size * config.gradient_accumulation * processes,
         "ss_gradient_accumulation_steps": config.gradient_accumulation,
         "ss_lr_scheduler": config.lr_schedule,
         "ss_lr_warmup_steps": config.lr_warmup_steps,
@@ -214,22 +221,23 @@ def lora_metadata(adapters: Adapters, config: TrainConfig, name: str, *, sd_vers
 def save_lora(adapters: Adapters, config: TrainConfig, folder: str, *, sd_version: str, steps_done: int,
               num_train_images: int, tag_frequency: dict, cover_image: "Optional[Image.Image]" = None,
               extra_metadata: Optional[dict] = None,
-              embedding: Optional[dict[str, torch.Tensor]] = None) -> ExportResult:
+              embedding: Optional[dict[str, torch.Tensor]] = None, processes: int = 1) -> ExportResult:
     """Write ``<folder>/<name>.safetensors`` and ``<name>.json``.
 
     ``name`` is ``config.output_name``, or ``name-1``, ``name-2``... when taken and
     ``config.overwrite`` is off. ``sd_version``: "sd1", "sd2", "sd2-v" (768 v-prediction) or
     "sdxl", any case. Tensors are saved in ``config.save_dtype``; ``embedding`` (pivotal
-    tuning's ``bundle_emb.*`` tensors, see ``embedding.Pivot.tensors``) as they are."""
+    tuning's ``bundle_emb.*`` tensors, see ``embedding.Pivot.tensors``) as they are.
+    ``processes``: how many data-parallel processes trained it (metadata and notes)."""
     os.makedirs(folder, exist_ok=True)
     name = unique_name(folder, config.output_name, config.overwrite)
     tensors = kohya_tensors(adapters, SAVE_DTYPES[config.save_dtype])
     tensors.update(embedding or {})
     metadata = lora_metadata(adapters, config, name, sd_version=sd_version, steps_done=steps_done,
                              num_train_images=num_train_images, tag_frequency=tag_frequency,
-                             cover_image=cover_image, extra_metadata=extra_metadata)
+                             cover_image=cover_image, extra_metadata=extra_metadata, processes=processes)
     sidecar = {"description": "", "sd version": version_info(sd_version)[3], "activation text": config.trigger,
-               "preferred weight": 1.0, "negative text": "", "notes": describe(config, steps_done)}
+               "preferred weight": 1.0, "negative text": "", "notes": describe(config, steps_done, processes)}
     return _write_lora(folder, name, tensors, metadata, sidecar)
 
 

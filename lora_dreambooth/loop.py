@@ -4,8 +4,10 @@ progress, preview, intermediate-save and stop callbacks the host turns into A111
 bar and live preview.
 
 One *step* is one optimizer update of ``batch_size × gradient_accumulation`` samples (the
-lecture's definition). A resumed run counts its steps on from the file's, with the LR schedule,
-data order and noise of an uninterrupted run (``TrainingLoop._replay``).
+lecture's definition), times the number of processes when data-parallel (``distributed``: the
+one loop for the tab, a headless run and each process of ``accelerate launch``). A resumed run
+counts its steps on from the file's, with the LR schedule, data order and noise of an
+uninterrupted run (``TrainingLoop._replay``).
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from PIL import Image
 
 from . import export, resume, torch_compat
 from .adapters import Adapters
-from .config import TrainConfig
+from .config import TrainConfig, epoch_arithmetic
 from .data import DreamBoothDataset, MicroBatch
+from .distributed import SingleProcess
 from .embedding import Pivot
 from .model import Backend, Conditioning, cat_conditioning, detach_conditioning
 from .objective import min_snr_weights, prior_preservation_loss
@@ -69,29 +72,33 @@ def report(callbacks: TrainCallbacks, progress: Progress) -> None:
 
 def save_adapters(adapters: Adapters, pivot: Optional[Pivot], config: TrainConfig, folder: str, backend: Backend,
           dataset: DreamBoothDataset, step: int, total: int, cover: Optional[Image.Image],
-          name: Optional[str] = None) -> export.ExportResult:
+          name: Optional[str] = None, processes: int = 1) -> export.ExportResult:
     """The LoRA after ``step`` of ``total`` steps, resumed ones included (the file describes
-    the whole training: ``ss_steps``, ``ss_max_train_steps``)."""
+    the whole training: ``ss_steps``, ``ss_max_train_steps``), trained by ``processes``
+    data-parallel processes."""
     changes: dict = {"steps": total}
     if name is not None:
         changes.update(name=name, overwrite=True)
     return export.save_lora(adapters, dataclasses.replace(config, **changes), folder,
                             sd_version=backend.sd_version, steps_done=step,
                             num_train_images=dataset.num_instance_images, tag_frequency=dataset.tag_frequency,
-                            cover_image=cover, embedding=pivot.tensors() if pivot is not None else None)
+                            cover_image=cover, embedding=pivot.tensors() if pivot is not None else None,
+                            processes=processes)
 
 
 class TrainingLoop:
     """Optimizer, schedules and the step loop for one run.
 
     Steps are counted from ``start`` (the resumed file's steps, else 0) to ``total``; the LR
-    schedule runs over all of them, so a resumed run continues where the file's run was."""
+    schedule runs over all of them, so a resumed run continues where the file's run was.
+    ``parallel``: this process's part in a data-parallel run (default: the only process)."""
 
     def __init__(self, backend: Backend, adapters: Adapters, pivot: Optional[Pivot], dataset: DreamBoothDataset,
                  config: TrainConfig, callbacks: TrainCallbacks, run: RunFiles,
-                 source: Optional[resume.ResumeSource] = None):
+                 source: Optional[resume.ResumeSource] = None, parallel: Optional[SingleProcess] = None):
         self.backend, self.adapters, self.pivot, self.dataset = backend, adapters, pivot, dataset
         self.config, self.callbacks, self.run_files = config, callbacks, run
+        self.parallel = parallel or SingleProcess()
         self.log = callbacks.on_log or (lambda message: None)
         self.start = source.steps if source is not None else 0
         self.total = self.start + config.steps
@@ -196,11 +203,23 @@ class TrainingLoop:
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=self.generator)
         return noise, timesteps
 
+    def _latent_shape(self, batch: MicroBatch) -> torch.Size:
+        """The latents' shape, from the cached moments or the pixels' size (no VAE run)."""
+        if batch.moments is not None:
+            return torch.chunk(batch.moments, 2, dim=1)[0].shape
+        return self.backend.latent_shape(batch.pixels.shape)
+
     def _loss(self, batch: MicroBatch, cond_cache: Optional[dict[str, Conditioning]]) -> torch.Tensor:
+        """This process's loss on its share of ``batch``. The latents' sampling noise, the
+        diffusion noise and the timesteps are drawn for the whole micro-batch in every process
+        (the generator stays in step everywhere), and each process keeps its rows."""
         device = self.backend.device
-        latents = self.backend.latents_from_moments(self._moments(batch), self.generator).float()
-        noise, timesteps = self._noise(latents.shape)
-        noise, timesteps = noise.to(device), timesteps.to(device)
+        shape = self._latent_shape(batch)
+        sampling = torch.randn(shape, generator=self.generator)
+        noise, timesteps = self._noise(shape)
+        batch, rows = batch.share(self.parallel.process_index, self.parallel.num_processes)
+        latents = self.backend.latents_from_noise(self._moments(batch), sampling[rows]).float()
+        noise, timesteps = noise[rows].to(device), timesteps[rows].to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.backend.parameterization == "eps" else \
             self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -216,14 +235,19 @@ class TrainingLoop:
 
     def run(self) -> tuple[int, bool]:
         config = self.config
+        processes = self.parallel.num_processes
+        self.log(epoch_arithmetic(self.dataset.num_instance_images, config.batch_size, config.gradient_accumulation,
+                                  config.steps, processes)
+                 .describe(config.batch_size, config.gradient_accumulation, config.steps, processes))
         self._caching_progress(0, 0)  # latents (when cacheable) and prompts are encoded first
         if self.dataset.cacheable:
             self.dataset.cache_latents(self.backend.encode_moments, on_progress=self._caching_progress)
         cond_cache = self._prompt_cache()
-        batches = self.dataset.micro_batches(config.batch_size, self.generator)
+        batches = self.dataset.micro_batches(config.batch_size * self.parallel.num_processes, self.generator)
         self._replay(batches, self.start)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        samples_per_step = config.batch_size * config.gradient_accumulation
+        self.parallel.prepare(params)
+        samples_per_step = config.batch_size * config.gradient_accumulation * self.parallel.num_processes
         started = time.perf_counter()
         step = self.start
         with self.backend.gradient_checkpointing(config.gradient_checkpointing):
@@ -254,21 +278,21 @@ class TrainingLoop:
         With the same seed, data and batch settings the resumed run then sees exactly the
         samples, noise and timesteps of an uninterrupted one."""
         for _ in range(steps * self.config.gradient_accumulation):
-            batch = next(batches)
-            shape = (torch.chunk(batch.moments, 2, dim=1)[0].shape if batch.moments is not None
-                     else self.backend.latent_shape(batch.pixels.shape))
+            shape = self._latent_shape(next(batches))
             torch.randn(shape, generator=self.generator)
             self._noise(shape)
 
     def _step(self, batches: Iterator[MicroBatch], cond_cache, params: list[torch.nn.Parameter]) -> float:
         accumulation = self.config.gradient_accumulation
         total = torch.zeros(())
-        for _ in range(accumulation):
-            if self.callbacks.should_stop():
+        for i in range(accumulation):
+            if self.parallel.any(self.callbacks.should_stop()):  # every process stops at the same point
                 self.optimizer.zero_grad(set_to_none=True)
                 raise Stopped()
-            loss = self._loss(next(batches), cond_cache) / accumulation
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            batch = next(batches)
+            with self.parallel.accumulating(last=i == accumulation - 1):  # gradients averaged after the last
+                loss = self.parallel.forward(lambda: self._loss(batch, cond_cache)) / accumulation
+                self.parallel.backward(self.scaler.scale(loss) if self.scaler else loss)
             total = total.to(loss.device) + loss.detach()  # one device sync per step, not per micro-batch
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -281,10 +305,13 @@ class TrainingLoop:
             self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total.item()
+        return self.parallel.mean(total).item()
 
     def _after_step(self, step: int) -> None:
+        """Previews and intermediate saves, by the main process only."""
         config = self.config
+        if not self.parallel.is_main:
+            return
         if config.preview_every and (step % config.preview_every == 0 or step == self.total):
             image = self._render_preview(step)
             if image is None:  # unfinished: neither a preview file nor the LoRA's cover
@@ -295,7 +322,8 @@ class TrainingLoop:
                     self.callbacks.on_preview(step, image, path)
         if config.save_every and step % config.save_every == 0 and step < self.total:
             saved = save_adapters(self.adapters, self.pivot, config, self.run_files.run_dir, self.backend, self.dataset,
-                          step, self.total, self.run_files.last_preview, name=f"{config.output_name}-step{step:05d}")
+                          step, self.total, self.run_files.last_preview, name=f"{config.output_name}-step{step:05d}",
+                          processes=self.parallel.num_processes)
             self.save_state(saved.path, step)
             self.log(f"saved intermediate {saved.path}")
 

@@ -88,9 +88,13 @@ class Backend(abc.ABC):
 
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Sample z ~ N(mean, exp(logvar)) with our generator, then the model's scaling."""
+        shape = torch.chunk(moments, 2, dim=1)[0].shape
+        return self.latents_from_noise(moments, torch.randn(shape, generator=generator, device=generator.device))
+
+    def latents_from_noise(self, moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """z = mean + std × ``noise`` (standard normal, drawn by the caller), then the scaling."""
         mean, logvar = torch.chunk(moments.float(), 2, dim=1)
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device)
         z = mean + std * noise.to(mean.device)
         return self._scale_latents(z.to(self.device))
 

@@ -17,6 +17,7 @@ import torch
 _UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
 _VAE_TARGET = "ldm.models.autoencoder.AutoencoderKL"
 _CLIP_TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+_LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
 
 #: Words given their own single token in the tiny vocabulary, so prompts tokenize like
 #: real ones (one token per common word) and triggers like "wpg" split into pieces.
@@ -127,23 +128,56 @@ def build_tiny_sd1(seed: int = 0, clip_dir: str | None = None, model_channels: i
     torch.manual_seed(seed)
     if clip_dir is None:
         clip_dir = write_tiny_clip(tempfile.mkdtemp(prefix="tiny-clip-"), hidden=context_dim)
-    cond_stage = {"target": _CLIP_TARGET, "params": {"version": clip_dir, "device": "cpu"}}
-    return latent_diffusion(cond_stage, unet_config(model_channels, channel_mult, context_dim, num_heads=num_heads),
+    config = sd1_config(clip_dir, model_channels, channel_mult, parameterization, context_dim, num_heads)
+    return latent_diffusion(config["model"]["params"]["cond_stage_config"], config["model"]["params"]["unet_config"],
                             parameterization, seed, family="sd1")
+
+
+def sd1_config(clip_dir: str, model_channels: int = 32, channel_mult: tuple[int, ...] = (1, 2),
+               parameterization: str = "eps", context_dim: int = 32, num_heads: int = 2) -> dict[str, Any]:
+    """The tiny SD1 model as an ldm yaml config holds it (``model: {target, params}``), its
+    text encoder read from ``clip_dir``."""
+    cond_stage = {"target": _CLIP_TARGET, "params": {"version": clip_dir, "device": "cpu"}}
+    unet = unet_config(model_channels, channel_mult, context_dim, num_heads=num_heads)
+    return {"model": latent_diffusion_config(cond_stage, unet, parameterization)}
+
+
+def latent_diffusion_config(cond_stage_config: dict[str, Any], unet: dict[str, Any],
+                            parameterization: str) -> dict[str, Any]:
+    """An SD-schedule ``LatentDiffusion`` with the tiny VAE, as ``{target, params}``."""
+    return {"target": _LDM_TARGET, "params": {
+        "first_stage_config": vae_config(), "cond_stage_config": cond_stage_config, "unet_config": unet,
+        "conditioning_key": "crossattn", "cond_stage_key": "txt", "first_stage_key": "jpg",
+        "image_size": 8, "channels": 4, "timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012,
+        "scale_factor": 0.18215, "use_ema": False, "monitor": None, "parameterization": parameterization,
+    }}
+
+
+def write_tiny_checkpoint(folder: str, seed: int = 0, clip_dir: str | None = None, model_channels: int = 32) -> str:
+    """``folder/tiny-sd1.safetensors`` with its ldm config ``tiny-sd1.yaml`` beside it (whose
+    text encoder is read from ``clip_dir``, written in ``folder/clip`` when not given): a
+    checkpoint headless runs load as they load a real one. Returns the checkpoint's path."""
+    import safetensors.torch
+    from omegaconf import OmegaConf
+
+    os.makedirs(folder, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the same text encoder every time, too
+        clip_dir = clip_dir or write_tiny_clip(os.path.join(folder, "clip"))
+    model = build_tiny_sd1(seed=seed, clip_dir=clip_dir, model_channels=model_channels)
+    path = os.path.join(folder, "tiny-sd1.safetensors")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    OmegaConf.save(OmegaConf.create(sd1_config(clip_dir, model_channels)), os.path.join(folder, "tiny-sd1.yaml"))
+    return path
 
 
 def latent_diffusion(cond_stage_config: dict[str, Any], unet: dict[str, Any], parameterization: str,
                      seed: int, family: str):
     """An SD-schedule ``LatentDiffusion`` with the tiny VAE, set up as A1111 holds it: eval
     mode, no zero-initialised weights, and the ``is_sd1``/``is_sd2``/``is_sdxl`` flags."""
-    from ldm.models.diffusion.ddpm import LatentDiffusion
+    from ldm.util import instantiate_from_config
 
-    model = LatentDiffusion(
-        first_stage_config=vae_config(), cond_stage_config=cond_stage_config, unet_config=unet,
-        conditioning_key="crossattn", cond_stage_key="txt", first_stage_key="jpg",
-        image_size=8, channels=4, timesteps=1000, linear_start=0.00085, linear_end=0.012,
-        scale_factor=0.18215, use_ema=False, monitor=None, parameterization=parameterization,
-    )
+    model = instantiate_from_config(latent_diffusion_config(cond_stage_config, unet, parameterization))
     randomise_zero_inits(model, seed)
     model.eval()
     model.is_sd1, model.is_sd2, model.is_sdxl = family == "sd1", family == "sd2", False

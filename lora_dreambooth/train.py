@@ -23,8 +23,9 @@ import torch
 
 from . import resume
 from .adapters import Adapters, inject
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import DreamBoothDataset
+from .distributed import SingleProcess
 from .embedding import Pivot, install_pivot
 from .guard import ModelSnapshot
 from .loop import PHASES, Progress, TrainCallbacks, TrainingLoop, report, save_adapters
@@ -54,7 +55,8 @@ class TrainResult:
 
 
 def train_lora(model, config: TrainConfig, lora_dir: str, run_dir: str,
-               callbacks: Optional[TrainCallbacks] = None, snapshot: Optional[ModelSnapshot] = None) -> TrainResult:
+               callbacks: Optional[TrainCallbacks] = None, snapshot: Optional[ModelSnapshot] = None,
+               parallel: Optional[SingleProcess] = None) -> TrainResult:
     """Train an adapter in place on ``model`` (ldm LatentDiffusion, plain or A1111-wrapped, or
     SDXL's sgm DiffusionEngine as A1111 holds it),
     write ``<lora_dir>/<name>.safetensors`` + ``<name>.json``, and previews / ``loss.csv`` /
@@ -63,8 +65,15 @@ def train_lora(model, config: TrainConfig, lora_dir: str, run_dir: str,
     ``TrainingError``. Bad data or an unreadable ``resume_from`` fail before the model is
     touched (``NoImagesError``, ``resume.ResumeError``). ``snapshot``: the caller's
     ``ModelSnapshot`` of the model as it is now (else one is taken); the run's after-check
-    is left in its ``verified``, so the caller need not read the weights again."""
+    is left in its ``verified``, so the caller need not read the weights again. ``parallel``:
+    this process's part in a data-parallel run (``distributed.DataParallel``; only its main
+    process writes files); default: the only process."""
     config.validate()
+    parallel = parallel or SingleProcess()
+    if parallel.num_processes > 1 and config.buckets:
+        # A bucket's last batch may be smaller than the processes: it cannot be shared evenly.
+        raise ConfigError([f"aspect-ratio buckets cannot be trained on {parallel.num_processes} processes "
+                           "yet: turn buckets off, or run one process"])
     callbacks = callbacks or TrainCallbacks()
     log = callbacks.on_log or (lambda message: None)
     report(callbacks, Progress(0, config.steps, float("nan"), 0.0, 0.0, 0.0, "reading"))
@@ -73,8 +82,9 @@ def train_lora(model, config: TrainConfig, lora_dir: str, run_dir: str,
         log(f"skipped {os.path.basename(skipped.path)}: {skipped.reason}")
     source = resume.read_lora(config.resume_from.strip()) if config.resume_from.strip() else None
     backend = make_backend(model)
-    os.makedirs(run_dir, exist_ok=True)
-    run = RunFiles(run_dir, config)
+    if parallel.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+    run = RunFiles(run_dir, config, write=parallel.is_main)
 
     snapshot = snapshot if snapshot is not None else ModelSnapshot.take(model)
     adapters: Optional[Adapters] = None
@@ -91,20 +101,20 @@ def train_lora(model, config: TrainConfig, lora_dir: str, run_dir: str,
         if source is not None:
             resume.load_lora(source, adapters, pivot, config, backend.sd_version)
             log(f"resuming {source.path} after its {source.steps} steps")
-        loop = TrainingLoop(backend, adapters, pivot, dataset, config, callbacks, run, source)
+        loop = TrainingLoop(backend, adapters, pivot, dataset, config, callbacks, run, source, parallel)
         steps_done, cancelled = loop.run()
         result = TrainResult(None, None, None, steps_done, cancelled, loop.losses, run.previews, run_dir,
                              dataset.skipped, loop.start)
-        if steps_done > 0:
+        if steps_done > 0 and parallel.is_main:
             step = loop.start + steps_done
             report(callbacks, Progress(step, loop.total, loop.last_loss, 0.0, 0.0, 0.0, "saving"))
             os.makedirs(lora_dir, exist_ok=True)
             saved = save_adapters(adapters, pivot, config, lora_dir, backend, dataset, step, loop.total,
-                          run.last_preview)
+                          run.last_preview, processes=parallel.num_processes)
             loop.save_state(saved.path, step)
             result.path, result.sidecar_path, result.name = saved.path, saved.sidecar_path, saved.name
             log(f"saved {saved.path} after {step} steps")
-        else:
+        elif steps_done == 0:
             log("stopped before the first step: nothing to save")
         return result
     except Exception as error:

@@ -35,6 +35,28 @@ class MicroBatch:
     crops: list[tuple[int, int]]  # (top, left) of the crop in the resized image
     target_size: tuple[int, int]  # (height, width) of pixels
 
+    def share(self, index: int, count: int) -> tuple["MicroBatch", torch.Tensor]:
+        """Process ``index`` of ``count``'s part of this micro-batch, and which rows it holds:
+        an equal slice of the instance examples and the same slice of the class examples, so
+        each part's loss weighs instance and class samples as the whole batch's does."""
+        if count == 1:
+            return self, torch.arange(len(self.prompts))
+        n_instance = int((~self.is_class).sum())
+        n_class = len(self.prompts) - n_instance
+        if n_instance % count or n_class % count:
+            raise ValueError(f"a micro-batch of {n_instance} instance and {n_class} class samples cannot be "
+                             f"split evenly between {count} processes")
+        i, c = n_instance // count, n_class // count
+        rows = torch.cat([torch.arange(index * i, (index + 1) * i),
+                          torch.arange(n_instance + index * c, n_instance + (index + 1) * c)])
+        picked = rows.tolist()
+        return MicroBatch(
+            pixels=self.pixels[rows] if self.pixels is not None else None,
+            moments=self.moments[rows] if self.moments is not None else None,
+            prompts=[self.prompts[r] for r in picked], is_class=self.is_class[rows],
+            original_sizes=[self.original_sizes[r] for r in picked], crops=[self.crops[r] for r in picked],
+            target_size=self.target_size), rows
+
 
 @dataclass
 class _Example:
