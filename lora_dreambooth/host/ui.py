@@ -27,8 +27,10 @@ from ..config import (LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
 from ..export import SAVE_DTYPES
 from ..families import FAMILY_FIELDS
 from . import a1111, files, paths, settings
-from .job import FAILED, JobStatus, RunRequest, TrainingJob, prepare_resume, request_problems
+from .job import FAILED, JobStatus, prepare_resume, request_problems
+from .runner import QueueRunner
 from .ui_datasets import ClassImagesSection, DatasetSection, EpochLine, dataset_html
+from .ui_queue import QueueSection
 from .ui_tools import NO_RESUME, GridSection, IntermediatesSection, ResumeSection, TriggerCheck, problems_html
 
 PROMPT_FIELDS = ("trigger", "class_prompt", "preview_prompt", "preview_negative_prompt", "name", "overwrite")
@@ -125,6 +127,22 @@ def _loss_frame(status: JobStatus) -> pd.DataFrame:
     return pd.DataFrame(status.losses, columns=["step", "loss"])
 
 
+def config_from_form(*values) -> tuple[Optional[TrainConfig], list[str]]:
+    """The run the form's values (in FORM_FIELDS order) describe on the tab's images, checked
+    against the loaded model; (None or config, problems)."""
+    ws = paths.workspace()
+    form = dict(zip(FORM_FIELDS, values))
+    # The Resume group gives a LoRA's name; its optimizer state is looked up again now
+    # (prepare_resume), as a run since the choice may have replaced the one shown.
+    form["resume_from"] = "" if form["resume_from"] in (None, NO_RESUME) else form["resume_from"]
+    form["resume_optimizer"] = ""
+    try:
+        config = TrainConfig.from_dict({**form, "instance_dir": ws.instance_dir, "class_dir": ws.class_dir})
+    except ConfigError as error:
+        return None, error.problems
+    return config, prepare_resume(config) + request_problems(config)
+
+
 def _result_html(status: JobStatus) -> str:
     parts = [html.escape(status.text)] if status.text else []
     if status.error and status.error != status.text:
@@ -194,12 +212,13 @@ class _RunPanel:
     progress area, previews, loss curve, result with "Send to txt2img", the tools' sections,
     the log and the error area."""
 
-    def __init__(self, job: TrainingJob):
-        self.job = job
+    def __init__(self, runner: QueueRunner, queue: QueueSection):
+        self.runner, self.job, self.queue = runner, runner.job, queue
 
     def build(self, intermediates: IntermediatesSection, grid: GridSection, defaults: TrainConfig) -> None:
         with gr.Row():
             self.start = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
+            self.queue.build_button()
             self.cancel = gr.Button("Cancel", elem_id="lora_train_cancel")
             self.reset = gr.Button("Reset", elem_id="lora_train_reset")
             self.refresh = ToolButton("🔄", elem_id="lora_train_refresh")
@@ -213,6 +232,7 @@ class _RunPanel:
             self.lora_prompt = gr.Textbox(label="Prompt for txt2img", interactive=False,
                                           elem_id="lora_train_lora_prompt")
             self.send = gr.Button("Send to txt2img", elem_id="lora_train_send")
+        self.queue.build()
         intermediates.build()
         grid.build(defaults.trigger, defaults.class_prompt)
         self.log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="lora_train_log")
@@ -230,27 +250,17 @@ class _RunPanel:
                               self.error]
         self.reset.click(self.on_reset, inputs=form.epoch_line.inputs, outputs=self.reset_outputs)
         self.send.click(fn=None, _js="lora_train_send_to_txt2img", inputs=[self.lora_prompt], outputs=[])
+        self.queue.wire(form.controls(FORM_FIELDS), config_from_form, run)
         return run
 
     def on_start(self, id_task: str, *values) -> tuple:
-        ws = paths.workspace()
-        form = dict(zip(FORM_FIELDS, values))
-        # The Resume group gives a LoRA's name; its optimizer state is looked up again now
-        # (prepare_resume), as a run since the choice may have replaced the one shown.
-        form["resume_from"] = "" if form["resume_from"] in (None, NO_RESUME) else form["resume_from"]
-        form["resume_optimizer"] = ""
-        try:
-            config = TrainConfig.from_dict({**form, "instance_dir": ws.instance_dir,
-                                            "class_dir": ws.class_dir})
-        except ConfigError as error:
-            return self._refused(error.problems)
-        problems = prepare_resume(config) + request_problems(config)
+        config, problems = config_from_form(*values)
         if problems:
             return self._refused(problems)
-        if not self.job.claim(id_task, config):
-            return self._refused(["A training run is already active (started through the API): "
-                                  "wait for it or cancel it."])
-        status = self.job.run(RunRequest(config, workspace=ws))
+        status = self.runner.run_now(config, paths.workspace())
+        if status is None:
+            return self._refused(["A training run is already active (a queued job, or one started through "
+                                  "the API): wait for it, cancel it, or use Add to queue."])
         return (*self._view(status), _failure_html(status))
 
     def _refused(self, problems: list[str]) -> tuple:
@@ -281,9 +291,10 @@ class _RunPanel:
                 *self._view(self.job.status())[1:], EpochLine.text(steps, batch_size, accumulation), "")
 
 
-def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
+def create_tab(runner: QueueRunner) -> list[tuple[gr.Blocks, str, str]]:
     """on_ui_tabs callback body: the tab for A1111's tab bar."""
-    form, panel = _Form(), _RunPanel(job)
+    job = runner.job
+    form, panel = _Form(), _RunPanel(runner, QueueSection(runner))
     instance, classes = DatasetSection("instance"), ClassImagesSection(job)
     trigger_check, grid = TriggerCheck(job), GridSection(job)
     resume, intermediates = ResumeSection(), IntermediatesSection(job)

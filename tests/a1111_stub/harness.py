@@ -68,15 +68,20 @@ def leave_stand_in() -> None:
     _forget_stub_modules()
 
 
-def load_model_as_a1111(shared, model: torch.nn.Module, model_hash: str = "0123abcd") -> torch.nn.Module:
-    """The attributes A1111 sets on the model it loads (the Lora extension names its layers),
-    then ``shared.sd_model = model``."""
+def load_model_as_a1111(shared, model: torch.nn.Module, model_hash: str = "0123abcdef",
+                        checkpoint: str = "tiny.safetensors") -> torch.nn.Module:
+    """The attributes A1111 sets on the model it loads from ``checkpoint`` (a file name in
+    models/Stable-diffusion) whose sha256 starts with ``model_hash`` (the Lora extension names
+    its layers), then ``shared.sd_model = model``."""
     import networks
+    from modules import sd_models
 
     networks.assign_network_names_to_compvis_modules(model)
     model.lowvram = False
-    model.sd_model_hash = model_hash
-    model.sd_checkpoint_info = SimpleNamespace(shorthash=model_hash, name_for_extra="tiny")
+    info = sd_models.CheckpointInfo(os.path.join(sd_models.model_path(), checkpoint), model_hash.ljust(64, "0"))
+    model.sd_model_hash = info.shorthash
+    model.sd_model_checkpoint = info.filename
+    model.sd_checkpoint_info = info
     shared.sd_model = model
     return model
 
