@@ -52,11 +52,13 @@ class QueueRunner:
 
     @property
     def queue(self) -> JobQueue:
-        """Read from disk at first use (the output folder setting is known by then)."""
-        with self._lock:
-            if self._queue is None:
-                self._queue = JobQueue(os.path.join(paths.output_root(), "queue"))
-            return self._queue
+        """Read from disk at first use (the output folder setting is known by then). Once read,
+        no lock is taken: callers may hold the queue's lock (the order is runner, then queue)."""
+        if self._queue is None:
+            with self._lock:
+                if self._queue is None:
+                    self._queue = JobQueue(os.path.join(paths.output_root(), "queue"))
+        return self._queue
 
     # --- adding jobs ------------------------------------------------------------------------
 
@@ -123,10 +125,15 @@ class QueueRunner:
             return None
 
     def _look_again(self) -> None:
-        if self._timer is None or not self._timer.is_alive():
-            self._timer = threading.Timer(CHECKPOINT_POLL_S, self.dispatch)
+        if self._timer is None:
+            self._timer = threading.Timer(CHECKPOINT_POLL_S, self._on_timer)
             self._timer.daemon = True
             self._timer.start()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+        self.dispatch()
 
     def _run(self, job_id: str, request: RunRequest) -> None:
         status = None

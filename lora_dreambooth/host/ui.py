@@ -250,7 +250,6 @@ class _RunPanel:
                               self.error]
         self.reset.click(self.on_reset, inputs=form.epoch_line.inputs, outputs=self.reset_outputs)
         self.send.click(fn=None, _js="lora_train_send_to_txt2img", inputs=[self.lora_prompt], outputs=[])
-        self.queue.wire(form.controls(FORM_FIELDS), config_from_form, run)
         return run
 
     def on_start(self, id_task: str, *values) -> tuple:
@@ -324,4 +323,5 @@ def create_tab(runner: QueueRunner) -> list[tuple[gr.Blocks, str, str]]:
         grid.wire([render[0], *render[2:]], task_id, panel.error, run, form.fields["class_prompt"])
         resume.wire(run)
         intermediates.wire(form.fields["overwrite"], panel.error, run, resume, grid)
+        panel.queue.wire(form.controls(FORM_FIELDS), config_from_form, run)
     return [(tab, "LoRA Train", "lora_train")]
