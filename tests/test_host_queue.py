@@ -10,13 +10,12 @@ import os
 import shlex
 import shutil
 import sys
-import threading
 import time
 
 import pytest
 from safetensors import safe_open
 
-from a1111_stub.harness import (a1111, api_client, hook_progress, load_model_as_a1111,  # noqa: F401
+from a1111_stub.harness import (Hold, a1111, api_client, load_model_as_a1111,  # noqa: F401
                                 png_bytes, wait_until_finished, write_images)
 from lora_dreambooth.config import TrainConfig
 
@@ -32,27 +31,6 @@ def image() -> str:
 def metadata(path: str) -> dict:
     with safe_open(path, framework="pt") as f:
         return f.metadata()
-
-
-class Hold:
-    """Holds the first run that reaches ``step`` until ``release()``; later runs go through."""
-
-    def __init__(self, monkeypatch, step: int = 1):
-        self.reached, self.gate, self.step, self.used = threading.Event(), threading.Event(), step, False
-        self.order: list[str] = []  # the job of each progress report, in order
-        hook_progress(monkeypatch, self.on_progress)
-
-    def on_progress(self, progress) -> None:
-        from lora_dreambooth.host import entry
-
-        self.order.append(entry.JOB.status().job)
-        if progress.step == self.step and not self.used:
-            self.used = True
-            self.reached.set()
-            assert self.gate.wait(60)
-
-    def release(self) -> None:
-        self.gate.set()
 
 
 def jobs(client) -> dict[str, dict]:

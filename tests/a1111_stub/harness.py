@@ -9,6 +9,7 @@ import importlib.util
 import io
 import os
 import sys
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
@@ -208,3 +209,24 @@ def hook_progress(monkeypatch, hook: Callable[[Any], Any], at_start: Optional[Ca
         return real_train(model, config, lora_dir, run_dir, callbacks, **kwargs)
 
     monkeypatch.setattr(job, "train_lora", hooked_train)
+
+
+class Hold:
+    """Holds the first run that reaches ``step`` until ``release()``; later runs go through."""
+
+    def __init__(self, monkeypatch, step: int = 1):
+        self.reached, self.gate, self.step, self.used = threading.Event(), threading.Event(), step, False
+        self.order: list[str] = []  # the job of each progress report, in order
+        hook_progress(monkeypatch, self.on_progress)
+
+    def on_progress(self, progress) -> None:
+        from lora_dreambooth.host import entry
+
+        self.order.append(entry.JOB.status().job)
+        if progress.step == self.step and not self.used:
+            self.used = True
+            self.reached.set()
+            assert self.gate.wait(60)
+
+    def release(self) -> None:
+        self.gate.set()
