@@ -19,7 +19,7 @@ from typing import Any, Optional
 from modules import paths_internal
 
 from .. import resume
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..data import scan_folder
 from ..data.captions import CAPTION_EXTENSION
 from . import files, paths
@@ -112,7 +112,11 @@ class QueueRunner:
                 if not same_checkpoint(record.checkpoint, loaded):
                     waiting = True
                     continue
-                config = TrainConfig.from_dict(record.config)
+                try:
+                    config = TrainConfig.from_dict(record.config)
+                except ConfigError as error:  # queue.json edited by hand
+                    queue.update(record.id, state=FAILED, error="; ".join(error.problems))
+                    continue
                 if not self.job.claim(record.id, config):
                     return None
                 queue.update(record.id, state=RUNNING, run_dir=paths.new_run_dir(config.output_name), text="")
