@@ -246,3 +246,29 @@ def test_after_a_restart_the_queue_waits_for_start_and_the_interrupted_run_resum
     # finished jobs leave the list (and their copy of the images) on request, the LoRA stays
     assert client.post(f"/lora-train/v1/jobs/{crashed['job']}/remove").json()["done"] is True
     assert crashed["job"] not in jobs(client) and os.path.isfile(after[crashed["job"]]["output"])
+
+
+def test_the_queue_file_is_replaced_whole_or_not_at_all_and_a_damaged_one_is_kept(a1111, tmp_path, monkeypatch):
+    from lora_dreambooth.host import job_queue
+
+    queue = job_queue.JobQueue(str(tmp_path / "queue"))
+    queue.add(job_queue.JobRecord(id="a", config=TrainConfig().to_dict(), checkpoint=None, folder=queue.job_folder("a")))
+    before = open(queue.path, encoding="utf8").read()
+
+    def fail_midway(data, f, **kwargs):
+        f.write('{"version": 1, "jobs": [')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(job_queue.json, "dump", fail_midway)
+    with pytest.raises(OSError):
+        queue.add(job_queue.JobRecord(id="b", config={}, checkpoint=None, folder=queue.job_folder("b")))
+    monkeypatch.undo()
+    assert [job.id for job in queue.jobs] == ["a"]
+    assert open(queue.path, encoding="utf8").read() == before and os.listdir(queue.folder) == ["queue.json"]
+
+    with open(queue.path, "w", encoding="utf8") as f:
+        f.write("{not json")
+    reread = job_queue.JobQueue(queue.folder)
+    assert reread.jobs == [] and "could not be read" in reread.notice
+    [kept] = [n for n in os.listdir(queue.folder) if n.startswith("queue.json.damaged-")]
+    assert open(os.path.join(queue.folder, kept), encoding="utf8").read() == "{not json"

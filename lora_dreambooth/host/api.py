@@ -158,6 +158,8 @@ def register(app: FastAPI, runner: QueueRunner, api_auth: Optional[str] = None) 
             return JSONResponse(status_code=422, content={"detail": problems})
         try:
             record = runner.add(config, "api", staged_instance=staging)
+        except OSError as error:  # the copy of the images could not be made (disk full, …)
+            return JSONResponse(status_code=507, content={"detail": [f"the job's images could not be copied: {error}"]})
         finally:
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)  # moved into the job's folder unless that failed

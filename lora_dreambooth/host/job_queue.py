@@ -145,7 +145,11 @@ class JobQueue:
         """Append ``record``; its place among the queued jobs (1: next)."""
         with self.lock:
             self.jobs.append(record)
-            self.save()
+            try:
+                self.save()
+            except BaseException:  # not written: not queued
+                self.jobs.remove(record)
+                raise
             return self.position(record.id)
 
     def get(self, job_id: str) -> Optional[JobRecord]:

@@ -245,7 +245,7 @@ class QueueRunner:
             return (f"needs checkpoint {checkpoint_title(record.checkpoint)} (loaded: {checkpoint_title(loaded)}): "
                     "load it to train this job")
         if self.queue.paused:
-            return "queued before A1111 restarted: press Start queue"
+            return "the queue waits since A1111 restarted: press Start queue"
         if self.job.active:
             return f"queued, #{self.queue.position(record.id)}: waits for the run in progress"
         return "queued"
