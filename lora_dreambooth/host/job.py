@@ -204,6 +204,12 @@ class TrainingJob:
             self._cancel.clear()
             return True
 
+    def abandon(self, error: str) -> None:
+        """End a claimed run that could not be started (its job could not be recorded)."""
+        with self._lock:
+            s = self._status
+            s.state, s.phase, s.error, s.text = FAILED, "", error, error
+
     def cancel(self) -> bool:
         """Stop the active run at its next micro-batch and save what was trained."""
         if not self.active:

@@ -119,7 +119,11 @@ class QueueRunner:
                     continue
                 if not self.job.claim(record.id, config):
                     return None
-                queue.update(record.id, state=RUNNING, run_dir=paths.new_run_dir(config.output_name), text="")
+                try:
+                    queue.update(record.id, state=RUNNING, run_dir=paths.new_run_dir(config.output_name), text="")
+                except OSError as error:
+                    self.job.abandon(f"the queue file could not be written: {error}")
+                    return None
                 request = RunRequest(config, upload_dir=record.folder, run_dir=record.run_dir)
                 threading.Thread(target=self._run, args=(record.id, request), daemon=True,
                                  name=f"lora-train-{record.id}").start()
@@ -154,7 +158,11 @@ class QueueRunner:
         if not self.job.claim(record.id, config):
             return None
         record.state, record.run_dir = RUNNING, paths.new_run_dir(config.output_name)
-        self.queue.add(record)
+        try:
+            self.queue.add(record)
+        except OSError as error:
+            self.job.abandon(f"the queue file could not be written: {error}")
+            return self.job.status()
         status = None
         try:
             status = self.job.run(RunRequest(config, workspace=workspace, run_dir=record.run_dir))

@@ -2,9 +2,11 @@
 
 Left: dataset, class images, prompts (with the trigger check and "Show prior"), hyperparameters
 (every TrainConfig field has a control ``#lora_train_<field>``; the resume fields are the
-Resume group's). Right: Start / Cancel / Reset, A1111's progress bar and live preview, the
-preview gallery, the loss curve, the log, "Send to txt2img", the last run's intermediate saves
-and the contamination grid (ui_tools). The dataset tabs and the epoch line are ui_datasets'.
+Resume group's). Right: Start / Add to queue / Cancel / Reset, A1111's progress bar and live
+preview, the preview gallery, the loss curve, the log, "Send to txt2img", the run queue
+(ui_queue), the last run's intermediate saves and the contamination grid (ui_tools). The
+dataset tabs and the epoch line are ui_datasets'. Start runs through the shared runner
+(``runner.run_now``), so its runs are listed with the queued ones.
 
 Start, "Generate class images", "Show prior" and "Render grid" go through
 ``wrap_gradio_gpu_call`` with the page's ``task(<id>)`` (javascript/lora_train.js), like A1111's
