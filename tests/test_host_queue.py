@@ -176,7 +176,7 @@ def test_settings_are_the_headless_run_json_and_command(a1111, client):
     assert shlex.split(response["command"]) == [
         "python", "-m", "lora_dreambooth", "train", "--settings", "run.json", "--checkpoint",
         os.path.join(os.path.dirname(a1111.lora_dir), "Stable-diffusion", "tiny.safetensors"),
-        "--out", a1111.lora_dir, "--webui", paths_internal.script_path]
+        "--out", os.path.join(a1111.data_path, "outputs", "lora-train"), "--webui", paths_internal.script_path]
     assert client.get("/lora-train/v1/jobs/nope/settings").status_code == 404
 
 

@@ -264,13 +264,16 @@ class QueueRunner:
 
     def run_settings(self, job_id: str) -> Optional[dict[str, Any]]:
         """The job's ``run.json`` (``TrainConfig.to_dict()``, images at the job's copy) and the
-        headless command that trains it; None for an unknown job."""
+        headless command that trains it; None for an unknown job. ``--out`` is the run output
+        folder, where the tab's run folders are: the command writes its run folder (intermediate
+        saves, ``optimizer.safetensors``) beside the LoRA, and in the Lora folder A1111 would
+        list those as LoRAs."""
         record = self.queue.get(job_id)
         if record is None:
             return None
         checkpoint = (record.checkpoint or {}).get("filename") or "MODEL.safetensors"
         command = ["python", "-m", "lora_dreambooth", "train", "--settings", RUN_JSON, "--checkpoint", checkpoint,
-                   "--out", paths.lora_dir(), "--webui", paths_internal.script_path]
+                   "--out", paths.output_root(), "--webui", paths_internal.script_path]
         return {"settings": dict(record.config), "command": shlex.join(command)}
 
     def write_run_json(self, job_id: str) -> Optional[tuple[str, str]]:
