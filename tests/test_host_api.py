@@ -49,9 +49,8 @@ def test_train_with_uploaded_images_reports_progress_and_the_output(a1111, clien
     assert (status["step"], status["total"], status["error"]) == (2, 2, None)
     assert status["output"] == os.path.join(a1111.lora_dir, "sks.safetensors") and os.path.isfile(status["output"])
     assert Image.open(io.BytesIO(base64.b64decode(status["preview"]))).size == (64, 64)
-    uploads = os.path.join(a1111.data_path, "outputs", "lora-train", "api-uploads")
-    [folder] = os.listdir(uploads)
-    assert sorted(os.listdir(os.path.join(uploads, folder))) == ["image-001.png", "passwd_me.png"]
+    copy = os.path.join(a1111.data_path, "outputs", "lora-train", "queue", job, "instance", "images")
+    assert sorted(os.listdir(copy)) == ["image-001.png", "passwd_me.png"]  # the job's own copy
     assert client.get("/lora-train/v1/status").json()["state"] == "done"  # until the next run
 
 
@@ -82,7 +81,7 @@ def test_bad_requests_get_every_message_and_nothing_is_written(a1111, client, ti
     assert tree(a1111.data_path) == [] and tree(tempfile.tempdir) == []
 
 
-def test_a_second_run_is_refused_while_one_is_active_and_cancel_saves(a1111, client, tiny_sd1, monkeypatch):
+def test_a_second_run_is_queued_while_one_is_active_and_cancel_saves(a1111, client, tiny_sd1, monkeypatch):
     load_model_as_a1111(a1111.shared, tiny_sd1)
     gate, at_step_1 = threading.Event(), threading.Event()
 
@@ -97,8 +96,10 @@ def test_a_second_run_is_refused_while_one_is_active_and_cancel_saves(a1111, cli
     assert at_step_1.wait(30)
     assert a1111.call_queue.queue_lock.locked()  # txt2img would wait for us
     assert a1111.state.job_no == 1 and a1111.state.job_count == 50 and "Step 1/50" in a1111.state.textinfo
-    busy = client.post("/lora-train/v1/train", json=payload)
-    assert busy.status_code == 409
+    second = client.post("/lora-train/v1/train", json=payload)
+    assert second.status_code == 202 and second.json()["position"] == 1 and second.json()["state"] == "queued"
+    removed = client.post("/lora-train/v1/cancel", json={"job": second.json()["job"]}).json()
+    assert removed["cancelled"] is True and removed["state"] == "running"  # the running one goes on
     cancelled = client.post("/lora-train/v1/cancel").json()
     assert cancelled["cancelled"] is True
     gate.set()

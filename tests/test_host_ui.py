@@ -287,7 +287,7 @@ def test_class_images_are_generated_once_per_prompt_and_model(a1111, tab, tiny_s
     out = generate("task(class1)", values)
     assert len(out["lora_train_class_gallery"]) == 2 and len(calls) == 2
     manifest = json.load(open(os.path.join(tab.ws.class_dir, ".lora-train-class.json")))
-    assert manifest["prompt"] == "woman" and manifest["model_hash"] == "0123abcd"
+    assert manifest["prompt"] == "woman" and manifest["model_hash"] == "0123abcdef"
     out = generate("task(class2)", values)
     assert len(calls) == 2 and "0 class images generated, 2 reused" in out["lora_train_class_info"]
     model.sd_model_hash = "another"

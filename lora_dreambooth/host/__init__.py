@@ -13,11 +13,15 @@ and files A1111's Lora loader picks up at once.
     files        uploads: sanitised names, image checks, duplicates skipped, atomic copies
     class_images "Generate N class images", reused while prompt and model are unchanged
     job          the one training job both the tab and the API run
+    job_queue    the run queue on disk (queue.json, each job's copy of its images, its checkpoint)
+    runner       takes jobs off the queue one at a time (tab's Start, Add to queue, API)
     headroom     whether the machine has room for A1111 to use the LoRA just trained
     token_check  how the loaded model's tokenizer reads a trigger; "Show prior" renders
     contamination  the contamination grid: txt2img with <lora:name:w>, model restored, saved
     ui           the tab
     ui_tools     the tab's trigger check and contamination grid section
     ui_datasets  the tab's dataset tabs (upload, delete, class images) and epoch line
+    ui_queue     the tab's Add to queue and Queue section (list, Start queue, Remove, Resume,
+                 Copy as command)
     api          /lora-train/v1/* routes
 """

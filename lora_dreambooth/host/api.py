@@ -1,11 +1,18 @@
-"""/lora-train/v1/{train,status,cancel,token,grid,promote}: the same job and tools as the tab,
-protected by --api-auth.
+"""/lora-train/v1/*: the same runner, job and tools as the tab, protected by --api-auth.
 
 ``POST /train`` takes TrainConfig's field names, plus ``instance_images`` (base64 images, or
 ``{"name", "data"}`` objects) instead of ``instance_dir``. Everything is checked before anything
-is written or started: 422 lists every problem, 409 means a run is active, 202 gives the job id.
-``resume_from`` is a LoRA's name in the Lora folder or a path in it or under the output root;
-without ``resume_optimizer`` the state its run left is found (``job.prepare_resume``).
+is written or queued: 422 lists every problem; 202 gives the job id and its place in the queue
+(0: it started at once). The job trains on a copy of its images taken now. ``resume_from`` is a
+LoRA's name in the Lora folder or a path in it or under the output root; without
+``resume_optimizer`` the state its run left is found (``job.prepare_resume``).
+
+``GET /jobs`` lists every job (``runner.describe``); ``GET /status?job=ID`` one of them, without
+``job`` the current run; ``POST /cancel`` with ``{"job": ID}`` takes a queued job off the queue
+or stops the running one, without a body it stops the running one. ``POST /queue/start`` runs
+the queue (after a restart it waits for this); ``POST /jobs/ID/resume`` queues an interrupted
+job again from its last save; ``POST /jobs/ID/remove`` takes a finished job off the list;
+``GET /jobs/ID/settings`` is its headless ``run.json`` and command line.
 
 ``GET /token?text=…`` is the trigger check (503 without a loaded model). ``POST /grid`` renders a
 contamination grid under A1111's queue lock and answers when it is done (409 while training, or
@@ -16,7 +23,6 @@ when the user pressed Interrupt meanwhile).
 from __future__ import annotations
 
 import shutil
-import uuid
 from secrets import compare_digest
 from typing import Any, Callable, Optional
 
@@ -29,8 +35,9 @@ from modules import call_queue, shared
 from ..config import ConfigError, TrainConfig
 from ..export import png_base64
 from ..grid import GridRequest
-from . import a1111, contamination, files, paths, token_check
-from .job import JobStatus, RunRequest, TrainingJob, prepare_resume, request_problems
+from . import a1111, contamination, files, token_check
+from .job import JobStatus, prepare_resume, request_problems
+from .runner import QueueRunner
 
 PREFIX = "/lora-train/v1"
 IMAGES_FIELD = "instance_images"
@@ -69,6 +76,20 @@ def status_body(status: JobStatus) -> dict[str, Any]:
 
 def _busy() -> JSONResponse:
     return JSONResponse(status_code=409, content={"detail": ["a training run is already active"]})
+
+
+def _no_job(job_id: str) -> JSONResponse:
+    return JSONResponse(status_code=404, content={"detail": [f"no job {job_id}"]})
+
+
+def _job_id(payload: Optional[dict]) -> tuple[Optional[str], list[str]]:
+    """The ``job`` of a cancel request (None: the running one) and the request's problems."""
+    payload = payload or {}
+    problems = [f"unknown field '{k}'" for k in payload if k != "job"]
+    job_id = payload.get("job")
+    if job_id is not None and not isinstance(job_id, str):
+        problems.append("job must be a job id (a string)")
+    return job_id, problems
 
 
 def _prepare(payload: dict) -> tuple[Optional[TrainConfig], Optional[str], list[str], list[str]]:
@@ -126,32 +147,61 @@ def promote_problems(payload: dict) -> list[str]:
     return problems
 
 
-def register(app: FastAPI, job: TrainingJob, api_auth: Optional[str] = None) -> None:
+def register(app: FastAPI, runner: QueueRunner, api_auth: Optional[str] = None) -> None:
     """on_app_started callback body."""
     dependencies = [Depends(basic_auth(parse_credentials(api_auth)))] if api_auth else []
+    job = runner.job
 
     def train(payload: dict = Body(...)) -> JSONResponse:
-        if job.active:
-            return _busy()
         config, staging, problems, skipped = _prepare(payload)
         if problems:
             return JSONResponse(status_code=422, content={"detail": problems})
-        job_id = uuid.uuid4().hex[:12]
-        upload_dir = None
-        if staging:
-            upload_dir = config.instance_dir = files.move_folder(staging, paths.upload_dir_name(job_id))
-        if not job.start_in_background(RunRequest(config, upload_dir=upload_dir), job_id):
-            if upload_dir:
-                shutil.rmtree(upload_dir, ignore_errors=True)
-            return _busy()
-        return JSONResponse(status_code=202, content={"job": job_id, "skipped": skipped})
+        try:
+            record = runner.add(config, "api", staged_instance=staging)
+        except OSError as error:  # the copy of the images could not be made (disk full, …)
+            return JSONResponse(status_code=507, content={"detail": [f"the job's images could not be copied: {error}"]})
+        finally:
+            if staging:
+                shutil.rmtree(staging, ignore_errors=True)  # moved into the job's folder unless that failed
+        described = runner.describe(record)
+        return JSONResponse(status_code=202, content={
+            "job": record.id, "position": described["position"], "state": described["state"],
+            "text": described["text"], "skipped": skipped})
 
-    def status() -> dict[str, Any]:
-        return status_body(job.status())
+    def status(job_id: Optional[str] = Query(None, alias="job", description="a job id; none: the current run")):
+        live = job.status()
+        if job_id is None or job_id == live.job:
+            return status_body(live)
+        record = runner.queue.get(job_id)
+        return _no_job(job_id) if record is None else runner.describe(record)
 
-    def cancel() -> dict[str, Any]:
-        cancelled = job.cancel()
-        return {"cancelled": cancelled, **status_body(job.status())}
+    def jobs() -> dict[str, Any]:
+        return {"jobs": runner.jobs(), "paused": runner.queue.paused, "notice": runner.queue.notice}
+
+    def cancel(payload: Optional[dict] = Body(None)) -> JSONResponse:
+        job_id, problems = _job_id(payload)
+        if problems:
+            return JSONResponse(status_code=422, content={"detail": problems})
+        if job_id is not None and runner.queue.get(job_id) is None and job.status().job != job_id:
+            return _no_job(job_id)
+        cancelled, message = runner.cancel(job_id)
+        return JSONResponse(content={"cancelled": cancelled, "message": message, **status_body(job.status())})
+
+    def start_queue() -> dict[str, Any]:
+        runner.start()
+        return jobs()
+
+    def job_action(action: Callable[[str], tuple[bool, str]]) -> Callable:
+        def route(job_id: str) -> JSONResponse:
+            if runner.queue.get(job_id) is None:
+                return _no_job(job_id)
+            done, message = action(job_id)
+            return JSONResponse(status_code=200 if done else 409, content={"done": done, "message": message})
+        return route
+
+    def job_settings(job_id: str) -> JSONResponse:
+        found = runner.run_settings(job_id)
+        return _no_job(job_id) if found is None else JSONResponse(content=found)
 
     def token(text: str = Query(..., description="the trigger word to check")) -> JSONResponse:
         report, problem = token_check.check(text)
@@ -192,7 +242,14 @@ def register(app: FastAPI, job: TrainingJob, api_auth: Optional[str] = None) -> 
 
     app.add_api_route(f"{PREFIX}/train", train, methods=["POST"], status_code=202, dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/jobs", jobs, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/cancel", cancel, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/queue/start", start_queue, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(PREFIX + "/jobs/{job_id}/settings", job_settings, methods=["GET"], dependencies=dependencies)
+    app.add_api_route(PREFIX + "/jobs/{job_id}/resume", job_action(runner.resume), methods=["POST"],
+                      dependencies=dependencies)
+    app.add_api_route(PREFIX + "/jobs/{job_id}/remove", job_action(runner.remove), methods=["POST"],
+                      dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/token", token, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/grid", grid, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/promote", promote, methods=["POST"], dependencies=dependencies)

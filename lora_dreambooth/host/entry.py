@@ -5,12 +5,14 @@ from modules import shared
 
 from . import api, settings, ui
 from .job import TrainingJob
+from .runner import QueueRunner
 
 JOB = TrainingJob()
+RUNNER = QueueRunner(JOB)
 
 
 def on_ui_tabs():
-    return ui.create_tab(JOB)
+    return ui.create_tab(RUNNER)
 
 
 def on_ui_settings() -> None:
@@ -18,4 +20,4 @@ def on_ui_settings() -> None:
 
 
 def on_app_started(_demo, app) -> None:
-    api.register(app, JOB, getattr(shared.cmd_opts, "api_auth", None))
+    api.register(app, RUNNER, getattr(shared.cmd_opts, "api_auth", None))

@@ -71,6 +71,7 @@ class RunRequest:
     upload_dir: Optional[str] = None                  # API images, removed after the run
     workspace: Optional[paths.Workspace] = None       # the tab's images, cleared after the run
     # (both only when the "keep datasets" setting is off)
+    run_dir: Optional[str] = None                     # the run folder (None: a new one is named)
 
 
 def request_problems(config: TrainConfig, check_instance: bool = True) -> list[str]:
@@ -203,6 +204,12 @@ class TrainingJob:
             self._cancel.clear()
             return True
 
+    def abandon(self, error: str) -> None:
+        """End a claimed run that could not be started (its job could not be recorded)."""
+        with self._lock:
+            s = self._status
+            s.state, s.phase, s.error, s.text = FAILED, "", error, error
+
     def cancel(self) -> bool:
         """Stop the active run at its next micro-batch and save what was trained."""
         if not self.active:
@@ -239,19 +246,13 @@ class TrainingJob:
 
     # --- running --------------------------------------------------------------------------
 
-    def start_in_background(self, request: RunRequest, job_id: str) -> bool:
-        """The API's way in: claim, then wait for A1111's queue lock in a thread."""
-        if not self.claim(job_id, request.config):
-            return False
-        threading.Thread(target=self._run_queued, args=(request, job_id), daemon=True,
-                         name=f"lora-train-{job_id}").start()
-        return True
-
-    def _run_queued(self, request: RunRequest, job_id: str) -> None:
-        with call_queue.queue_lock:  # what wrap_gradio_gpu_call does for the tab
+    def run_queued(self, request: RunRequest, job_id: str) -> JobStatus:
+        """Run a claimed job outside the tab: wait for A1111's queue lock, as
+        ``wrap_gradio_gpu_call`` does for the tab (the runner's thread calls this)."""
+        with call_queue.queue_lock:
             shared.state.begin(job=f"lora-train-{job_id}")
             try:
-                self.run(request)
+                return self.run(request)
             finally:
                 shared.state.end()
 
@@ -299,7 +300,7 @@ class TrainingJob:
             on_preview=lambda step, image, path: self._on_preview(image, path, bridge),
             should_stop=self._should_stop,
             on_log=self._log)
-        run_dir = paths.new_run_dir(config.output_name)
+        run_dir = request.run_dir or paths.new_run_dir(config.output_name)
         with self._lock:  # known from the start: a failed run's intermediate saves can be promoted
             self._status.run_dir = run_dir
         try:

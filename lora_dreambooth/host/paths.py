@@ -1,7 +1,8 @@
 """Where things go: runs and uploads under the output folder setting, LoRAs in ``--lora-dir``.
 
     <output>/datasets/instance, <output>/datasets/class   the tab's workspace
-    <output>/api-uploads/<job>/                           images posted to the API
+    <output>/queue/queue.json, <output>/queue/<job>/      the run queue, each job's copy of its
+                                                          images and its run.json (job_queue)
     <output>/<name>-<YYYYmmdd-HHMMSS>/                    one run: previews, loss.csv, config.json,
                                                           optimizer.safetensors and the
                                                           intermediate <name>-stepNNNNN.safetensors
@@ -83,10 +84,6 @@ def new_run_dir(name: str) -> str:
         n += 1
         path = f"{base}-{n}"
     return path
-
-
-def upload_dir_name(job_id: str) -> str:
-    return os.path.join(output_root(), "api-uploads", f"{_stamp()}-{job_id}")
 
 
 #: What the engine names a run's intermediate saves (``train.py``: ``<name>-step{step:05d}``).

@@ -2,9 +2,11 @@
 
 Left: dataset, class images, prompts (with the trigger check and "Show prior"), hyperparameters
 (every TrainConfig field has a control ``#lora_train_<field>``; the resume fields are the
-Resume group's). Right: Start / Cancel / Reset, A1111's progress bar and live preview, the
-preview gallery, the loss curve, the log, "Send to txt2img", the last run's intermediate saves
-and the contamination grid (ui_tools). The dataset tabs and the epoch line are ui_datasets'.
+Resume group's). Right: Start / Add to queue / Cancel / Reset, A1111's progress bar and live
+preview, the preview gallery, the loss curve, the log, "Send to txt2img", the run queue
+(ui_queue), the last run's intermediate saves and the contamination grid (ui_tools). The
+dataset tabs and the epoch line are ui_datasets'. Start runs through the shared runner
+(``runner.run_now``), so its runs are listed with the queued ones.
 
 Start, "Generate class images", "Show prior" and "Render grid" go through
 ``wrap_gradio_gpu_call`` with the page's ``task(<id>)`` (javascript/lora_train.js), like A1111's
@@ -27,8 +29,10 @@ from ..config import (LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
 from ..export import SAVE_DTYPES
 from ..families import FAMILY_FIELDS
 from . import a1111, files, paths, settings
-from .job import FAILED, JobStatus, RunRequest, TrainingJob, prepare_resume, request_problems
+from .job import FAILED, JobStatus, prepare_resume, request_problems
+from .runner import QueueRunner
 from .ui_datasets import ClassImagesSection, DatasetSection, EpochLine, dataset_html
+from .ui_queue import QueueSection
 from .ui_tools import NO_RESUME, GridSection, IntermediatesSection, ResumeSection, TriggerCheck, problems_html
 
 PROMPT_FIELDS = ("trigger", "class_prompt", "preview_prompt", "preview_negative_prompt", "name", "overwrite")
@@ -125,6 +129,22 @@ def _loss_frame(status: JobStatus) -> pd.DataFrame:
     return pd.DataFrame(status.losses, columns=["step", "loss"])
 
 
+def config_from_form(*values) -> tuple[Optional[TrainConfig], list[str]]:
+    """The run the form's values (in FORM_FIELDS order) describe on the tab's images, checked
+    against the loaded model; (None or config, problems)."""
+    ws = paths.workspace()
+    form = dict(zip(FORM_FIELDS, values))
+    # The Resume group gives a LoRA's name; its optimizer state is looked up again now
+    # (prepare_resume), as a run since the choice may have replaced the one shown.
+    form["resume_from"] = "" if form["resume_from"] in (None, NO_RESUME) else form["resume_from"]
+    form["resume_optimizer"] = ""
+    try:
+        config = TrainConfig.from_dict({**form, "instance_dir": ws.instance_dir, "class_dir": ws.class_dir})
+    except ConfigError as error:
+        return None, error.problems
+    return config, prepare_resume(config) + request_problems(config)
+
+
 def _result_html(status: JobStatus) -> str:
     parts = [html.escape(status.text)] if status.text else []
     if status.error and status.error != status.text:
@@ -194,12 +214,13 @@ class _RunPanel:
     progress area, previews, loss curve, result with "Send to txt2img", the tools' sections,
     the log and the error area."""
 
-    def __init__(self, job: TrainingJob):
-        self.job = job
+    def __init__(self, runner: QueueRunner, queue: QueueSection):
+        self.runner, self.job, self.queue = runner, runner.job, queue
 
     def build(self, intermediates: IntermediatesSection, grid: GridSection, defaults: TrainConfig) -> None:
         with gr.Row():
             self.start = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
+            self.queue.build_button()
             self.cancel = gr.Button("Cancel", elem_id="lora_train_cancel")
             self.reset = gr.Button("Reset", elem_id="lora_train_reset")
             self.refresh = ToolButton("🔄", elem_id="lora_train_refresh")
@@ -213,6 +234,7 @@ class _RunPanel:
             self.lora_prompt = gr.Textbox(label="Prompt for txt2img", interactive=False,
                                           elem_id="lora_train_lora_prompt")
             self.send = gr.Button("Send to txt2img", elem_id="lora_train_send")
+        self.queue.build()
         intermediates.build()
         grid.build(defaults.trigger, defaults.class_prompt)
         self.log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="lora_train_log")
@@ -233,24 +255,13 @@ class _RunPanel:
         return run
 
     def on_start(self, id_task: str, *values) -> tuple:
-        ws = paths.workspace()
-        form = dict(zip(FORM_FIELDS, values))
-        # The Resume group gives a LoRA's name; its optimizer state is looked up again now
-        # (prepare_resume), as a run since the choice may have replaced the one shown.
-        form["resume_from"] = "" if form["resume_from"] in (None, NO_RESUME) else form["resume_from"]
-        form["resume_optimizer"] = ""
-        try:
-            config = TrainConfig.from_dict({**form, "instance_dir": ws.instance_dir,
-                                            "class_dir": ws.class_dir})
-        except ConfigError as error:
-            return self._refused(error.problems)
-        problems = prepare_resume(config) + request_problems(config)
+        config, problems = config_from_form(*values)
         if problems:
             return self._refused(problems)
-        if not self.job.claim(id_task, config):
-            return self._refused(["A training run is already active (started through the API): "
-                                  "wait for it or cancel it."])
-        status = self.job.run(RunRequest(config, workspace=ws))
+        status = self.runner.run_now(config, paths.workspace())
+        if status is None:
+            return self._refused(["A training run is already active (a queued job, or one started through "
+                                  "the API): wait for it, cancel it, or use Add to queue."])
         return (*self._view(status), _failure_html(status))
 
     def _refused(self, problems: list[str]) -> tuple:
@@ -281,9 +292,10 @@ class _RunPanel:
                 *self._view(self.job.status())[1:], EpochLine.text(steps, batch_size, accumulation), "")
 
 
-def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
+def create_tab(runner: QueueRunner) -> list[tuple[gr.Blocks, str, str]]:
     """on_ui_tabs callback body: the tab for A1111's tab bar."""
-    form, panel = _Form(), _RunPanel(job)
+    job = runner.job
+    form, panel = _Form(), _RunPanel(runner, QueueSection(runner))
     instance, classes = DatasetSection("instance"), ClassImagesSection(job)
     trigger_check, grid = TriggerCheck(job), GridSection(job)
     resume, intermediates = ResumeSection(), IntermediatesSection(job)
@@ -313,4 +325,5 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
         grid.wire([render[0], *render[2:]], task_id, panel.error, run, form.fields["class_prompt"])
         resume.wire(run)
         intermediates.wire(form.fields["overwrite"], panel.error, run, resume, grid)
+        panel.queue.wire(form.controls(FORM_FIELDS), config_from_form, run)
     return [(tab, "LoRA Train", "lora_train")]

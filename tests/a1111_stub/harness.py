@@ -9,6 +9,7 @@ import importlib.util
 import io
 import os
 import sys
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
@@ -68,15 +69,20 @@ def leave_stand_in() -> None:
     _forget_stub_modules()
 
 
-def load_model_as_a1111(shared, model: torch.nn.Module, model_hash: str = "0123abcd") -> torch.nn.Module:
-    """The attributes A1111 sets on the model it loads (the Lora extension names its layers),
-    then ``shared.sd_model = model``."""
+def load_model_as_a1111(shared, model: torch.nn.Module, model_hash: str = "0123abcdef",
+                        checkpoint: str = "tiny.safetensors") -> torch.nn.Module:
+    """The attributes A1111 sets on the model it loads from ``checkpoint`` (a file name in
+    models/Stable-diffusion) whose sha256 starts with ``model_hash`` (the Lora extension names
+    its layers), then ``shared.sd_model = model``."""
     import networks
+    from modules import sd_models
 
     networks.assign_network_names_to_compvis_modules(model)
     model.lowvram = False
-    model.sd_model_hash = model_hash
-    model.sd_checkpoint_info = SimpleNamespace(shorthash=model_hash, name_for_extra="tiny")
+    info = sd_models.CheckpointInfo(os.path.join(sd_models.model_path(), checkpoint), model_hash.ljust(64, "0"))
+    model.sd_model_hash = info.shorthash
+    model.sd_model_checkpoint = info.filename
+    model.sd_checkpoint_info = info
     shared.sd_model = model
     return model
 
@@ -203,3 +209,24 @@ def hook_progress(monkeypatch, hook: Callable[[Any], Any], at_start: Optional[Ca
         return real_train(model, config, lora_dir, run_dir, callbacks, **kwargs)
 
     monkeypatch.setattr(job, "train_lora", hooked_train)
+
+
+class Hold:
+    """Holds the first run that reaches ``step`` until ``release()``; later runs go through."""
+
+    def __init__(self, monkeypatch, step: int = 1):
+        self.reached, self.gate, self.step, self.used = threading.Event(), threading.Event(), step, False
+        self.order: list[str] = []  # the job of each progress report, in order
+        hook_progress(monkeypatch, self.on_progress)
+
+    def on_progress(self, progress) -> None:
+        from lora_dreambooth.host import entry
+
+        self.order.append(entry.JOB.status().job)
+        if progress.step == self.step and not self.used:
+            self.used = True
+            self.reached.set()
+            assert self.gate.wait(60)
+
+    def release(self) -> None:
+        self.gate.set()
