@@ -9,21 +9,12 @@
 
 var loraTrainLastRefresh = 0;
 
-function lora_train_click(id) {
-    var button = gradioApp().getElementById(id);
+function lora_train_refresh() {
+    var button = gradioApp().getElementById("lora_train_refresh");
     if (button) {
         button.click();
     }
 }
-
-function lora_train_refresh() {
-    lora_train_click("lora_train_refresh");
-}
-
-// The page is built when A1111 starts: show what is on disk now (datasets, the last run).
-onUiLoaded(function() {
-    lora_train_click("lora_train_load");
-});
 
 // Start's run event: args are (task id, go, form…); go is empty when the check refused.
 function lora_train_start() {

@@ -87,9 +87,8 @@ class _RunPanel:
         self.log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="lora_train_log")
         self.go = gr.Textbox(visible=False, elem_id="lora_train_go")
         self.ran = gr.Textbox(visible=False, elem_id="lora_train_ran")
-        self.load = gr.Button(visible=False, elem_id="lora_train_load")  # clicked once the page is up
 
-    def wire(self, task_id: gr.Textbox, form: Form, datasets: tuple[DatasetSection, ...]) -> Any:
+    def wire(self, tab: gr.Blocks, task_id: gr.Textbox, form: Form, datasets: tuple[DatasetSection, ...]) -> Any:
         """Wires the buttons; returns Start's run event (the tools refresh when a run ends)."""
         view = [self.output, self.result, self.lora_prompt, self.previews, self.loss, self.log]
         controls = form.controls(FORM_FIELDS)
@@ -103,8 +102,9 @@ class _RunPanel:
         self.cancel.click(self.on_cancel, outputs=[self.error], queue=False)
         self.refresh.click(self.on_refresh, outputs=view, queue=False)
         shown = [c for d in datasets for c in (d.gallery, d.info)]
-        self.load.click(self.on_load, inputs=[*form.epoch_line.inputs, form.fields["regularization"]],
-                        outputs=[*view, *shown, form.epoch_line.html, form.class_hint], queue=False)
+        # The page is built once, when A1111 starts; each page load shows what is on disk now.
+        tab.load(self.on_load, inputs=[*form.epoch_line.inputs, form.fields["regularization"]],
+                 outputs=[*view, *shown, form.epoch_line.html, form.class_hint], queue=False)
         self.reset_outputs = [*shown, *view[1:], form.epoch_line.html, self.error]
         self.reset.click(self.on_reset, inputs=form.epoch_line.inputs, outputs=self.reset_outputs)
         self.send.click(fn=None, _js="lora_train_send_to_txt2img", inputs=[self.lora_prompt], outputs=[])
@@ -206,7 +206,7 @@ def create_tab(job: TrainingJob) -> list[tuple[gr.Blocks, str, str]]:
         form.wire_class_images(classes.info)
         render = form.controls(("preview_negative_prompt", "preview_seed", "preview_steps", "preview_cfg", "resolution"))
         classes.wire_generate(task_id, form.fields["class_prompt"], [render[0], render[4], *render[2:4]], panel.error)
-        run = panel.wire(task_id, form, (instance, classes))
+        run = panel.wire(tab, task_id, form, (instance, classes))
         trigger_check.wire(form.fields["trigger"], form.fields["class_prompt"], render, task_id, panel.error)
         grid.wire([render[0], *render[2:]], task_id, panel.error, run, form.fields["class_prompt"], panel.ran)
         resume.wire(run)

@@ -1,7 +1,7 @@
 // Stand-in for the parts of A1111 1.10.1's page scripts the LoRA Train tab relies on, with the
 // same behaviour (rewritten, not copied):
-//   script.js      gradioApp, get_uiCurrentTabContent, onUiLoaded (run once #txt2img_prompt
-//                  exists), updateInput, and the keydown handler: Esc clicks the current tab's
+//   script.js      gradioApp, get_uiCurrentTabContent, updateInput, and the keydown handler:
+//                  Esc clicks the current tab's
 //                  button[id$=_interrupt] when its style.display is "block" (it reads .style of
 //                  that button unguarded: a tab without one throws on every Esc)
 //   ui.js          opts, args_to_array, switch_to_txt2img
@@ -12,8 +12,6 @@
 
 var opts = {show_progressbar: true, live_previews_enable: true, live_preview_refresh_period: 500,
             show_progress_in_title: true};
-var uiLoadedCallbacks = [];
-var executedOnLoaded = false;
 
 function gradioApp() {
     var elems = document.getElementsByTagName("gradio-app");
@@ -24,25 +22,6 @@ function gradioApp() {
 function get_uiCurrentTabContent() {
     return gradioApp().querySelector('#tabs > .tabitem[id^=tab_]:not([style*="display: none"])');
 }
-
-function onUiLoaded(callback) {
-    uiLoadedCallbacks.push(callback);
-}
-
-document.addEventListener("DOMContentLoaded", function() {
-    new MutationObserver(function() {
-        if (!executedOnLoaded && gradioApp().querySelector("#txt2img_prompt")) {
-            executedOnLoaded = true;
-            uiLoadedCallbacks.forEach(function(callback) {
-                try {
-                    callback();
-                } catch (e) {
-                    console.error(e.message, e);
-                }
-            });
-        }
-    }).observe(gradioApp(), {childList: true, subtree: true});
-});
 
 document.addEventListener("keydown", function(e) {
     var content = get_uiCurrentTabContent();
