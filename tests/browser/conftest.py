@@ -49,6 +49,7 @@ def served(tmp_path_factory, _tiny_sd1_pristine):
     finally:
         patches.undo()
         if demo is not None:
+            demo.server.force_exit = True  # uvicorn: no waiting for the browser's open connections
             demo.close()
         leave_stand_in()
         torch.set_num_threads(threads)
@@ -126,6 +127,14 @@ def pick(page, field: str, choice: str) -> None:
 
 def value_of(page, field: str) -> str:
     return page.locator(f"#lora_train_{field}").locator("textarea, input[type=number], input[type=text]").first.input_value()
+
+
+def expect_value(page, field: str, value) -> None:
+    """Wait until the field shows ``value`` (set by the server after an event)."""
+    from playwright.sync_api import expect
+
+    box = page.locator(f"#lora_train_{field}").locator("textarea, input[type=number], input[type=text]").first
+    expect(box).to_have_value(str(value))
 
 
 def upload(page, paths: list) -> None:

@@ -9,8 +9,7 @@ import os
 import re
 import time
 
-from conftest import (bar_text, open_section, open_tab, set_fields, shown, upload,  # noqa: F401
-                      value_of, wait_for_result)
+from conftest import bar_text, expect_value, open_section, open_tab, set_fields, shown, upload, wait_for_result
 
 #: Slow enough to watch (each preview is a job of its own in A1111's bar), fast on a CPU.
 WATCHED = dict(steps=12, batch_size=1, rank=4, resolution=64, preview_every=4, preview_steps=20)
@@ -45,7 +44,7 @@ def test_a_first_run(page, served):
     set_fields(page, trigger="sks", **WATCHED)
     token = shown(page, "lora_train_token_info")
     assert "'sks'" in token.inner_text()
-    assert value_of(page, "alpha") == "4"  # alpha followed the rank
+    expect_value(page, "alpha", "4")  # alpha followed the rank
     open_section(page, "Dataset")
     screenshot(page, "before")
 
