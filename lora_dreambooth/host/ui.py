@@ -96,11 +96,13 @@ class _RunPanel:
         # The error HTML comes last: A1111's wrapper appends its timing there, and on an
         # exception puts its message there after ``extra_outputs``.
         gpu_start = call_queue.wrap_gradio_gpu_call(self.on_start, extra_outputs=[gr.update()] * (len(view) + 1))
-        run = self.start.click(self.check_start, inputs=controls, outputs=[self.error, self.go], queue=False).then(
+        run = self.start.click(self.check_start, inputs=controls, outputs=[self.error, self.go], queue=False,
+                               show_progress=False).then(
             lambda id_task, go, *values: gpu_start(id_task, *values) if go else self.unchanged,
-            _js="lora_train_start", inputs=[task_id, self.go, *controls], outputs=[*view, self.ran, self.error])
+            _js="lora_train_start", inputs=[task_id, self.go, *controls], outputs=[*view, self.ran, self.error],
+            show_progress=False)  # A1111's bar and live preview show the run, no spinners over it
         self.cancel.click(self.on_cancel, outputs=[self.error], queue=False)
-        self.refresh.click(self.on_refresh, outputs=view, queue=False)
+        self.refresh.click(self.on_refresh, outputs=view, queue=False, show_progress=False)
         shown = [c for d in datasets for c in (d.gallery, d.info)]
         # The page is built once, when A1111 starts; each page load shows what is on disk now.
         tab.load(self.on_load, inputs=[*form.epoch_line.inputs, form.fields["regularization"]],

@@ -4,10 +4,13 @@ Esc; and a reload that still shows the dataset and the last result. The screensh
 come from ``test_a_first_run`` (LORA_TRAIN_SCREENSHOTS=docs)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import time
+
+from PIL import Image
 
 from conftest import bar_text, expect_value, open_section, open_tab, set_fields, shown, upload, wait_for_result
 
@@ -17,9 +20,10 @@ SCREENSHOTS = os.environ.get("LORA_TRAIN_SCREENSHOTS")
 
 
 def screenshot(page, name: str) -> None:
+    """The window as the user sees it, saved small (256 colours) for the README."""
     if SCREENSHOTS:
-        page.locator("#tab_lora_train").screenshot(path=os.path.join(SCREENSHOTS, f"tab-{name}.png"),
-                                                   animations="disabled", scale="css")
+        shot = Image.open(io.BytesIO(page.screenshot(animations="disabled"))).convert("RGB")
+        shot.quantize(256).save(os.path.join(SCREENSHOTS, f"tab-{name}.png"), optimize=True)
 
 
 def loss_specs(page) -> list:
