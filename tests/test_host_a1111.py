@@ -43,13 +43,44 @@ def test_progress_lands_in_shared_state(a1111):
     bridge.update(Progress(12, 400, 0.12345, 1e-4, 3.0, 125.0))
     state = a1111.state
     assert (state.job_no, state.job_count) == (12, 400)
-    assert state.textinfo == "Step 12/400 · loss 0.1235 · LR 1.00e-04 · ETA 2:05"
-    state.job_no, state.sampling_step, state.sampling_steps = 13, 20, 20  # a preview render ran
-    bridge.rewrite()
-    assert (state.job_no, state.sampling_step, state.sampling_steps) == (12, 0, 0)
+    assert state.textinfo == "Step 12/400 · loss 0.1235 · LR 1.00e-04"  # A1111's bar adds the ETA
     bridge.update(Progress(0, 400, math.nan, 0.0, 0.0, 0.0, "encoding"))
     assert state.textinfo.startswith("Encoding images and prompts") and state.job_no == 0
     assert format_eta(3725) == "1:02:05"
+
+
+def test_previews_are_jobs_of_their_own_so_the_bar_never_goes_back(a1111):
+    """4 steps, a preview every 2: jobs step1 step2 preview step3 step4 preview."""
+    from lora_dreambooth.host.progress import ProgressBridge, planned_previews
+    from lora_dreambooth.train import Progress
+
+    assert [planned_previews(0, 4, 2), planned_previews(0, 5, 2), planned_previews(4, 6, 2),
+            planned_previews(0, 4, 0)] == [2, 3, 1, 0]
+    state = a1111.state
+    bridge = ProgressBridge(4, preview_every=2)
+    seen = []
+
+    def fraction() -> float:
+        return (state.job_no + (state.sampling_step / state.sampling_steps if state.sampling_steps else 0)) / state.job_count
+
+    for step in (1, 2, 3, 4):
+        bridge.update(Progress(step, 4, 0.1, 1e-4, 1.0, 1.0))
+        seen.append(fraction())
+        if step % 2 == 0:
+            bridge.begin_preview(step)
+            assert state.textinfo == f"Drawing the preview at step {step}/4…"
+            state.sampling_steps = 20
+            for state.sampling_step in (10, 20):  # what A1111's sampler does
+                seen.append(fraction())
+            state.nextjob()
+            seen.append(fraction())
+            bridge.end_preview()
+            assert state.textinfo.startswith(f"Step {step}/4")
+            seen.append(fraction())
+    assert state.job_count == 6 and seen == sorted(seen) and seen[-1] == 1.0
+    resumed = ProgressBridge(2, preview_every=2)  # a resumed run: steps 5 and 6 of 6
+    resumed.update(Progress(5, 6, 0.1, 1e-4, 1.0, 1.0))
+    assert (state.job_no, state.job_count) == (1, 3)
 
 
 @pytest.mark.parametrize("given, expected", [

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from a1111_stub.harness import (Event, a1111, api_client, component, field_overrides,  # noqa: F401
-                                load_model_as_a1111, load_script, png_bytes, wait_until_finished,
+from a1111_stub.harness import (Event, a1111, after_run, api_client, field_overrides,  # noqa: F401
+                                load_model_as_a1111, load_script, png_bytes, start_run, wait_until_finished,
                                 write_images)
 
 #: Tiny runs: 64 px, rank 4, no previews.
@@ -35,21 +35,7 @@ def tab(a1111, tiny_sd1):
 
 
 def start(tab, task: str = "task(run)", **values) -> dict:
-    return Event(tab.blocks, "lora_train_start")(task, field_overrides(**{**TINY, **values}))
-
-
-def after_run(tab, output: str, **overrides) -> dict:
-    """The Start event's follow-up that updates ``output`` (the page runs it when Start ends)."""
-    blocks, start_id = tab.blocks, component(tab.blocks, "lora_train_start")._id
-    for index, dependency in enumerate(blocks.dependencies):
-        if dependency["trigger"] == "then" and start_id in dependency["targets"] \
-                and component(blocks, output)._id in dependency["outputs"]:
-            event = Event.__new__(Event)
-            event.fn, event.js = blocks.fns[index].fn, dependency["js"]
-            event.inputs = [blocks.blocks[i] for i in dependency["inputs"]]
-            event.outputs = [blocks.blocks[i] for i in dependency["outputs"]]
-            return event(overrides=overrides)
-    raise KeyError(output)
+    return start_run(tab.blocks, field_overrides(**{**TINY, **values}), task)
 
 
 def metadata(path: str) -> dict[str, str]:
@@ -71,9 +57,9 @@ def test_intermediate_saves_are_promoted_and_a_lora_resumes_with_its_optimizer_s
     run_dir = tab.job.status().run_dir
     assert "class='error'" not in first["lora_train_error"]
     assert "sks-step00002.safetensors" in listing(run_dir) and "optimizer.safetensors" in listing(run_dir)
-    listed = after_run(tab, "lora_train_intermediates")["lora_train_intermediates"]
+    listed = after_run(tab.blocks, "lora_train_intermediates")["lora_train_intermediates"]
     assert (listed["choices"], listed["value"]) == (["sks-step00002.safetensors"], None)
-    listed = after_run(tab, "lora_train_resume_from")["lora_train_resume_from"]
+    listed = after_run(tab.blocks, "lora_train_resume_from")["lora_train_resume_from"]
     assert listed["choices"] == ["none", "sks"] and listed["value"] == "none"
 
     promote = Event(tab.blocks, "lora_train_promote")
@@ -111,7 +97,7 @@ def test_intermediate_saves_are_promoted_and_a_lora_resumes_with_its_optimizer_s
     state = os.path.join(run_dir, "optimizer.safetensors")
     assert chosen["lora_train_resume_optimizer"] == state
     info = chosen["lora_train_resume_info"]
-    for expected in ("3 steps", "network type lora", "rank 4", "alpha 4", "text encoder not trained",
+    for expected in ("3 steps", "network type LoRA", "rank 4", "alpha 4", "text encoder not trained",
                      "no pivotal tuning", "trigger &#x27;sks&#x27;", "Optimizer state found"):
         assert expected in info, (expected, info)
     early = choose(overrides={"lora_train_resume_from": "sks-step00002"})
@@ -131,7 +117,7 @@ def test_intermediate_saves_are_promoted_and_a_lora_resumes_with_its_optimizer_s
     assert [p for p in progress if p[0] > 3] == [(4, 5), (5, 5), (5, 5)]  # two steps, then saving
     status = tab.job.status()
     assert (status.step, status.total) == (5, 5)
-    assert list(resumed["lora_train_loss"]["step"]) == [4, 5]
+    assert list(resumed["lora_train_loss"].data["step"]) == [4, 5]
 
 
 def test_a_resume_with_other_settings_is_refused_with_what_to_change_and_nothing_is_written(a1111, tab):

@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from a1111_lora import a1111_delta
-from a1111_stub.harness import (QUICK, Event, a1111, api_client, field_overrides,  # noqa: F401
-                                load_model_as_a1111, load_script, write_images)
+from a1111_stub.harness import (QUICK, Event, a1111, after_run, api_client, field_overrides,  # noqa: F401
+                                load_model_as_a1111, load_script, start_run, write_images)
 from lora_dreambooth.grid import HEADER_HEIGHT, LABEL_WIDTH
 from lora_dreambooth.guard import state_hash
 from lora_dreambooth.targets import find_targets
@@ -30,7 +30,7 @@ def tab(a1111):
     a1111.script_callbacks.ui_settings_callback()
     [(blocks, _title, _id)] = a1111.script_callbacks.ui_tabs_callback()
     from lora_dreambooth.host import entry, paths
-    return SimpleNamespace(blocks=blocks, job=entry.JOB, ws=paths.workspace())
+    return SimpleNamespace(blocks=blocks, job=entry.JOB, runner=entry.RUNNER, ws=paths.workspace())
 
 
 @pytest.fixture
@@ -107,8 +107,9 @@ def test_train_then_grid_shows_what_the_lora_moved_and_restores_the_model(a1111,
     assert [caption for _image, caption in prior["lora_train_prior"]] == ["sks (seed 1, no LoRA)",
                                                                           "woman (seed 1, no LoRA)"]
     write_images(tab.ws.instance_dir, 2)
-    Event(tab.blocks, "lora_train_start")("task(run)", field_overrides(**{**QUICK, "learning_rate": 1e-2}))
-    offered = Event(tab.blocks, "lora_train_start", "then")(overrides=RENDER)
+    ran = start_run(tab.blocks, field_overrides(**{**QUICK, "learning_rate": 1e-2}), "task(run)")
+    assert ran["lora_train_ran"] == tab.runner.jobs()[-1]["job"]  # the run's job, as the queue lists it
+    offered = after_run(tab.blocks, "lora_train_grid", **RENDER, lora_train_ran=ran["lora_train_ran"])
     assert offered["lora_train_grid"]["open"] is True and offered["lora_train_grid_lora"]["value"] == "sks"
     assert offered["lora_train_grid_class"] == "woman"
     assert Event(tab.blocks, "lora_train_grid_lora", "change")(

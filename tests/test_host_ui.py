@@ -12,7 +12,7 @@ from PIL import Image
 
 from a1111_stub.harness import (QUICK, Event, a1111, component, field_overrides,  # noqa: F401
                                 hook_progress, load_model_as_a1111, load_script, merge_like_a1111, png_bytes,
-                                write_images)
+                                start_run, write_images)
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.guard import state_hash
 
@@ -33,7 +33,7 @@ def upload(tab, kind: str, files: list[tuple[str, str]]) -> dict:
 
 
 def start(tab, task: str = "task(test1)", **values) -> dict:
-    return Event(tab.blocks, "lora_train_start")(task, field_overrides(**{**QUICK, **values}))
+    return start_run(tab.blocks, field_overrides(**{**QUICK, **values}), task)
 
 
 def written(folder: str) -> list[str]:
@@ -50,10 +50,10 @@ def test_tab_builds_with_every_control(a1111, tab):
     assert set(ui.FORM_FIELDS) == every_field
     for control in ("instance_upload", "instance_add", "instance_delete", "instance_gallery", "instance_info",
                     "class_upload", "class_add", "class_delete", "class_count", "class_generate",
-                    "class_gallery", "preset", "arithmetic", "advanced", "start", "cancel", "reset",
+                    "class_gallery", "preset", "arithmetic", "advanced", "start", "interrupt", "reset",
                     "refresh", "previews", "loss", "log", "send", "lora_prompt", "error"):
         component(tab.blocks, f"lora_train_{control}")
-    assert Event(tab.blocks, "lora_train_start").js == "lora_train_start"
+    assert Event(tab.blocks, "lora_train_start", "then").js == "lora_train_start"
     assert Event(tab.blocks, "lora_train_class_generate").js == "lora_train_start_class"
     assert Event(tab.blocks, "lora_train_send").js == "lora_train_send_to_txt2img"
     assert component(tab.blocks, "lora_train_preview_negative_prompt").value == TrainConfig().preview_negative_prompt
@@ -131,7 +131,7 @@ def test_start_trains_in_place_and_writes_lora_json_and_card(a1111, tab, tiny_sd
     assert json.load(open(os.path.join(lora_dir, "sks.json")))["activation text"] == "sks"
     assert "sks" in a1111.networks.available_networks  # list refreshed: <lora:sks:1> resolves
     assert out["lora_train_lora_prompt"] == "sks, <lora:sks:1>"
-    assert len(out["lora_train_previews"]) == 2 and len(out["lora_train_loss"]) == 4
+    assert len(out["lora_train_previews"]) == 2 and len(out["lora_train_loss"].data) == 4
     assert "unchanged" in out["lora_train_log"]
     # previews: A1111's sampler, lecture settings, no extra network, nothing saved by A1111
     assert [(p.sampler_name, p.steps, p.cfg_scale, p.do_not_save_samples, p.do_not_save_grid) for p in requests] \

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from a1111_stub.harness import (QUICK, Event, Hold, a1111, field_overrides, load_model_as_a1111,  # noqa: F401
-                                load_script, write_images)
+                                load_script, write_images, start_run)
 from lora_dreambooth.config import TrainConfig
 
 
@@ -86,8 +86,7 @@ def test_add_to_queue_remove_results_and_copy_as_command(a1111, tab, monkeypatch
 
 def test_start_runs_now_and_is_listed_with_its_result(a1111, tab):
     write_images(tab.ws.instance_dir, 1)
-    out = Event(tab.blocks, "lora_train_start")("task(t1)", field_overrides(**{**QUICK, "steps": 1,
-                                                                               "preview_every": 0}))
+    out = start_run(tab.blocks, field_overrides(**{**QUICK, "steps": 1, "preview_every": 0}), "task(t1)")
     assert "Finished 1 steps" in out["lora_train_result"]
     listed = tab.runner.jobs()
     assert [(job["source"], job["state"], job["output"]) for job in listed] == \

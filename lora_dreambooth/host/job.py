@@ -165,10 +165,11 @@ class _Previews:
         c = self.config
         image = None
         if not self.should_stop():
+            self.bridge.begin_preview(step)
             image = render.txt2img(c.effective_preview_prompt, c.preview_negative_prompt,
                                    seed=c.preview_seed, steps=c.preview_steps, cfg_scale=c.preview_cfg,
                                    width=c.resolution, height=c.resolution)
-        self.bridge.rewrite()
+        self.bridge.end_preview()
         if image is not None:
             self.last = image
         return image
@@ -260,7 +261,7 @@ class TrainingJob:
         """Run a claimed job; the caller holds ``call_queue.queue_lock``. The final state is
         published last, once the model is checked, memory freed and files tidied."""
         config = request.config
-        bridge = ProgressBridge(config.steps)
+        bridge = ProgressBridge(config.steps, config.preview_every)
         bridge.start()
         with self._lock:
             self._status.phase, self._status.text = bridge.phase, bridge.text
@@ -300,7 +301,7 @@ class TrainingJob:
             on_preview=lambda step, image, path: self._on_preview(image, path, bridge),
             should_stop=self._should_stop,
             on_log=self._log)
-        run_dir = request.run_dir or paths.new_run_dir(config.output_name)
+        run_dir = request.run_dir or paths.new_run_dir(config)
         with self._lock:  # known from the start: a failed run's intermediate saves can be promoted
             self._status.run_dir = run_dir
         try:

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import datetime
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +16,9 @@ from typing import Optional
 
 from modules import paths_internal, shared
 
+from .. import run_files
+from ..config import TrainConfig
+from ..export import unique_name
 from . import settings
 
 
@@ -72,18 +74,10 @@ def workspace() -> Workspace:
     return Workspace(os.path.join(base, "instance"), os.path.join(base, "class")).create()
 
 
-def _stamp() -> str:
-    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def new_run_dir(name: str) -> str:
-    """``<output>/<name>-<stamp>`` (not created: the engine creates it), ``-2``… if taken."""
-    base = os.path.join(output_root(), f"{name}-{_stamp()}")
-    path, n = base, 1
-    while os.path.exists(path):
-        n += 1
-        path = f"{base}-{n}"
-    return path
+def new_run_dir(config: TrainConfig) -> str:
+    """``<output>/<name>-<stamp>`` (not created: the engine creates it), named as the LoRA
+    file will be (``name-1`` when ``name`` is taken and overwriting is off), so the two match."""
+    return run_files.new_run_dir(output_root(), unique_name(lora_dir(), config.output_name, config.overwrite))
 
 
 #: What the engine names a run's intermediate saves (``train.py``: ``<name>-step{step:05d}``).

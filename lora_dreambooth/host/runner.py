@@ -120,7 +120,7 @@ class QueueRunner:
                 if not self.job.claim(record.id, config):
                     return None
                 try:
-                    queue.update(record.id, state=RUNNING, run_dir=paths.new_run_dir(config.output_name), text="")
+                    queue.update(record.id, state=RUNNING, run_dir=paths.new_run_dir(config), text="")
                 except OSError as error:
                     self.job.abandon(f"the queue file could not be written: {error}")
                     return None
@@ -157,7 +157,7 @@ class QueueRunner:
         record = self._new_record(config, "tab start")
         if not self.job.claim(record.id, config):
             return None
-        record.state, record.run_dir = RUNNING, paths.new_run_dir(config.output_name)
+        record.state, record.run_dir = RUNNING, paths.new_run_dir(config)
         try:
             self.queue.add(record)
         except OSError as error:

@@ -76,7 +76,7 @@ class TriggerCheck:
     def check(self, text: str) -> tuple[str, dict]:
         """The line under the trigger box and the suggestion list."""
         line, suggestions = self._line(text)
-        return line, gr.update(choices=suggestions)
+        return line, gr.update(choices=suggestions, value=text if text in suggestions else None)
 
     @staticmethod
     def _line(text: str) -> tuple[str, list[str]]:
@@ -84,8 +84,12 @@ class TriggerCheck:
         if report is None:  # no line before A1111 has loaded a model (the page may come first)
             return ("" if shared.sd_model is None else f"<p>{html.escape(problem)}</p>"), []
         pieces = "".join(f"<code>{html.escape(p)}</code> " for p in report.pieces)
-        kind = "warning" if report.ordinary_word else "info"
-        return (f"<p class='lora-train-token {kind}'>{html.escape(report.describe())}"
+        # An ordinary word or a split trigger must not look like the good case.
+        warning = bool(report.pieces) and (report.ordinary_word or not report.single_token)
+        style = " style='color: var(--error-text-color, #b91c1c); font-weight: bold'" if warning else ""
+        mark = "⚠ " if warning else ("✓ " if report.pieces else "")
+        return (f"<p class='lora-train-token {'warning' if warning else 'info'}'{style}>"
+                f"{mark}{html.escape(report.describe())}"
                 f"{'<br>pieces: ' + pieces if report.pieces else ''}</p>", report.suggestions)
 
     @staticmethod
@@ -138,9 +142,11 @@ class GridSection:
             self.image = gr.Image(type="pil", interactive=False, label="Grid", elem_id="lora_train_grid_image")
             self.rows = gr.HTML(elem_id="lora_train_grid_rows")
 
-    def wire(self, render: list, task_id: gr.Textbox, error: gr.HTML, run_end, class_prompt: gr.Textbox) -> None:
+    def wire(self, render: list, task_id: gr.Textbox, error: gr.HTML, run_end, class_prompt: gr.Textbox,
+             ran: gr.Textbox) -> None:
         """``render``: negative prompt, steps, CFG and resolution controls; ``run_end``: the
-        Start event, after which the grid is offered for the LoRA just written."""
+        Start event, after which the grid is offered for the LoRA just written when ``ran``
+        (the job id of that Start's run; empty when it was refused)."""
         self.refresh.click(self.refreshed, outputs=[self.lora], queue=False)
         self.lora.change(self.chosen, inputs=[self.lora], outputs=[self.trigger], queue=False)
         self.button.click(call_queue.wrap_gradio_gpu_call(self.render, extra_outputs=[gr.update(), gr.update()]),
@@ -148,7 +154,7 @@ class GridSection:
                           inputs=[task_id, self.lora, self.trigger, self.class_word, self.prompts, self.weights,
                                   self.seed, *render],
                           outputs=[self.image, self.rows, error])
-        run_end.then(self.offer, inputs=[class_prompt], outputs=[self.section, self.lora, self.class_word])
+        run_end.then(self.offer, inputs=[ran, class_prompt], outputs=[self.section, self.lora, self.class_word])
 
     @staticmethod
     def refreshed() -> dict:
@@ -160,10 +166,10 @@ class GridSection:
         text = contamination.activation_text(name) if name else ""
         return text if text else gr.update()
 
-    def offer(self, class_prompt: str) -> tuple:
-        """After a run that wrote a LoRA: open the grid with it selected."""
+    def offer(self, ran: str, class_prompt: str) -> tuple:
+        """After a run that wrote a LoRA: open the grid with it selected (not after a refused Start)."""
         status = self.job.status()
-        if not status.name or not status.output:
+        if not ran or status.job != ran or not status.name or not status.output:
             return gr.update(), gr.update(), gr.update()
         return (gr.update(open=True), gr.update(choices=contamination.available_loras(), value=status.name),
                 class_prompt if class_prompt and class_prompt.strip() else gr.update())
@@ -213,7 +219,7 @@ def resume_summary(source: resume.ResumeSource, state: str) -> str:
     optimizer state found for it, as one paragraph."""
     meta = source.metadata
     network = networks.from_metadata(meta)
-    parts = [f"{source.steps} steps", f"network type {network.name if network else '?'}",
+    parts = [f"{source.steps} steps", f"network type {network.label if network else '?'}",
              f"rank {_metadata_number(meta, 'ss_network_dim')}", f"alpha {_metadata_number(meta, 'ss_network_alpha')}"]
     args = networks.file_args(meta)
     if network and network.convs and {"conv_dim", "conv_alpha"} <= args.keys():

@@ -156,6 +156,30 @@ class Event:
         return {c.elem_id: value for c, value in zip(self.outputs, result)}
 
 
+def start_run(blocks, overrides: dict, task: str = "task(test1)") -> dict:
+    """Start's two events as the page runs them: the check (its message at once), then the run
+    (which trains only when the check let it go); the outputs of both, the run's where it
+    changed something."""
+    checked = Event(blocks, "lora_train_start")(overrides=overrides)
+    ran = Event(blocks, "lora_train_start", "then")(task, {**overrides, **checked})
+    return {**checked, **{key: value for key, value in ran.items() if not isinstance(value, dict)}}
+
+
+def after_run(blocks, output: str, **overrides) -> dict:
+    """The Start run's follow-up that updates ``output`` (the page runs it when the run ends;
+    ``lora_train_ran`` is the run's job id, empty when Start was refused)."""
+    start_id = component(blocks, "lora_train_start")._id
+    for index, dependency in enumerate(blocks.dependencies):
+        if dependency["trigger"] == "then" and start_id in dependency["targets"] \
+                and component(blocks, output)._id in dependency["outputs"]:
+            event = Event.__new__(Event)
+            event.fn, event.js = blocks.fns[index].fn, dependency["js"]
+            event.inputs = [blocks.blocks[i] for i in dependency["inputs"]]
+            event.outputs = [blocks.blocks[i] for i in dependency["outputs"]]
+            return event(overrides=overrides)
+    raise KeyError(output)
+
+
 def field_overrides(**values: Any) -> dict:
     return {f"lora_train_{key}": value for key, value in values.items()}
 

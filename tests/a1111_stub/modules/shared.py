@@ -12,7 +12,8 @@ cmd_opts = SimpleNamespace(lowvram=False, medvram=False, api_auth=None,
                            lora_dir=os.path.join(paths_internal.models_path, "Lora"))
 
 OptionInfo = options.OptionInfo
-opts = options.Options({"live_previews_image_format": OptionInfo("png", "Live preview file format")}, set())
+opts = options.Options({"live_previews_image_format": OptionInfo("png", "Live preview file format"),
+                        "live_previews_enable": OptionInfo(True, "Show live previews of the created image")}, set())
 
 data_path = paths_internal.data_path
 models_path = paths_internal.models_path

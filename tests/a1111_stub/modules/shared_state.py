@@ -61,6 +61,9 @@ class State:
         self.job_count = 0
         devices.torch_gc()
 
+    def set_current_image(self):
+        """A1111 decodes the sampler's latent here; the stand-in's previews are assigned whole."""
+
     def assign_current_image(self, image):
         if shared.opts.live_previews_image_format == "jpeg" and image.mode == "RGBA":
             image = image.convert("RGB")
