@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from conftest import (expect_value, fill, open_section, open_tab, pick, set_fields, shown, upload, value_of,
-                      wait_for_result)
+from tab_page import (browser, expect_value, fill, open_section, open_tab, page, pick, served,  # noqa: F401 (fixtures)
+                      set_fields, shown, upload, value_of, wait_for_result)
 
 QUICK = dict(trigger="sks", steps=2, batch_size=1, rank=4, resolution=64, preview_every=0)
 

@@ -12,7 +12,8 @@ import time
 
 from PIL import Image
 
-from conftest import bar_text, expect_value, open_section, open_tab, set_fields, shown, upload, wait_for_result
+from tab_page import (bar_text, browser, expect_value, open_section, open_tab, page, served,  # noqa: F401 (fixtures)
+                      set_fields, shown, upload, wait_for_result)
 
 #: Slow enough to watch (each preview is a job of its own in A1111's bar), fast on a CPU.
 WATCHED = dict(steps=12, batch_size=1, rank=4, resolution=64, preview_every=4, preview_steps=20)

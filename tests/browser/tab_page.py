@@ -1,7 +1,10 @@
 """The tab in headless Chromium: A1111's page around it (tests/a1111_stub/page.py) served on
 127.0.0.1 with the tiny SD1 model loaded, and Debian's chromium driven by playwright (no
 browser download: ``executable_path``). One server and one browser per module; a fresh page,
-an empty workspace and a forgotten last run per test, unless a test says otherwise."""
+an empty workspace and a forgotten last run per test, unless a test says otherwise.
+
+Not a conftest.py: the other tests import their helpers with ``from conftest import …``, which
+a second conftest module would shadow; the browser tests import these fixtures by name."""
 from __future__ import annotations
 
 import copy
