@@ -174,7 +174,7 @@ def _instantiate(config: str, family: str) -> torch.nn.Module:
         sgm.modules.attention.SDP_IS_AVAILABLE, sgm.modules.attention.XFORMERS_IS_AVAILABLE = True, False
     from ldm.util import instantiate_from_config
     try:
-        with _text_models_from_config():
+        with text_models_from_config():
             return instantiate_from_config(settings.model)
     except Exception as error:
         raise CheckpointError(f"cannot build the model of {config}: {type(error).__name__}: {error}") from None
@@ -200,7 +200,7 @@ def _repair(params, family: str) -> None:
 
 
 @contextlib.contextmanager
-def _text_models_from_config() -> Iterator[None]:
+def text_models_from_config() -> Iterator[None]:
     """Hugging Face CLIP text models built from their config alone while the model is built:
     the checkpoint holds their weights (A1111 skips loading them the same way), so only the
     config and tokenizer are read (``version``: a folder, or the Hugging Face cache A1111

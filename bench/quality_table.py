@@ -1,0 +1,147 @@
+"""The DreamBooth quality table (issue 14): does a LoRA trained by this tab learn the subject,
+keep the class, and leave everything else alone? Measured on the world's base model
+(``quality/``) with its judge, on CPU.
+
+    python bench/quality_table.py                 # the whole table (about 15 min on 2 cores)
+    python bench/quality_table.py --rows presets  # Dedicated and Generative only
+
+Prints the judge's held-out accuracy, the base model's prompt adherence, then one line per
+run; writes the table (Markdown and JSON) and a picture of samples before and after training
+to ``bench/results/``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from quality import base_model, judge as judging, world  # noqa: E402
+from quality.dreambooth import (Figures, Probe, Row, applied_like_a1111, draw_samples, figures,  # noqa: E402
+                                train_and_sample, write_class_images, write_instance_images)
+from quality import sampling  # noqa: E402
+from lora_dreambooth.model import make_backend  # noqa: E402
+
+PRESET_ROWS = [Row(preset="Dedicated"), Row(preset="Generative"), Row(preset="Generative", regularization=1.0),
+               Row(preset="Dedicated", pivotal=True), Row(preset="Generative", regularization=1.0, pivotal=True)]
+ROWS = PRESET_ROWS + [
+    Row(network="locon"), Row(network="loha"), Row(network="lokr"), Row(network="dora"),
+    Row(text_encoder=True), Row(precision="bf16"),
+]
+#: Rows whose written file is also applied the A1111 way, at these weights.
+A1111_OF = [(Row(preset="Dedicated"), (1.0, 0.5)), (Row(preset="Generative", regularization=1.0, pivotal=True), (1.0,))]
+
+
+def base_adherence(model, judge, seeds: int) -> float:
+    things = [t for t in world.ALL_THINGS for _ in range(seeds)]
+    pictures = sampling.sample(make_backend(model), [t.caption for t in things],
+                               [5_000 + i for i in range(len(things))])
+    return judging.read(judge, pictures).adherence(things)
+
+
+def picture_strip(rows: list[tuple[str, torch.Tensor]], count: int = 8) -> Image.Image:
+    """One row of ``count`` pictures per label, 2× enlarged, labels in a column on the left."""
+    from PIL import ImageDraw
+    cell = world.SIZE * 2
+    strip = Image.new("RGB", (300 + cell * count, cell * len(rows)), "white")
+    draw = ImageDraw.Draw(strip)
+    for r, (label, pictures) in enumerate(rows):
+        draw.text((6, r * cell + cell // 2 - 6), label, fill="black")
+        for c, picture in enumerate(pictures[:count]):
+            image = Image.fromarray(picture.permute(1, 2, 0).numpy()).resize((cell, cell), Image.NEAREST)
+            strip.paste(image, (300 + c * cell, r * cell))
+    return strip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", choices=("all", "presets"), default="all")
+    parser.add_argument("--seeds", type=int, default=64, help="pictures of 'wpg circle' and of 'a circle' per run")
+    parser.add_argument("--unrelated-seeds", type=int, default=4, help="pictures of each of the 18 unrelated things")
+    parser.add_argument("--first-seed", type=int, default=1_000, help="first sampling seed (to check the spread)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.time()
+    command = "python bench/quality_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    probe = Probe(args.seeds, args.unrelated_seeds, args.first_seed)
+
+    lines: list[dict] = []
+    report: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        report.append(text)
+
+    judge = judging.load()
+    models = {"fp32": base_model.load()}
+    accuracy = judging.report_accuracy(judge, models["fp32"])
+    for kind, acc in accuracy.items():
+        say(f"judge, held-out {kind} pictures: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+    adherence = base_adherence(models["fp32"], judge, seeds=8)
+    say(f"base model prompt adherence (24 prompts × 8 seeds, DPM++ 2M 20 steps CFG 5): {adherence:.1%}")
+
+    header = (f"| run | fidelity before → after | class: character | class: TV distance | grid 'moved' % "
+              f"| unrelated adherence before → after |\n|---|---|---|---|---|---|")
+    say("")
+    say(header)
+    with tempfile.TemporaryDirectory(prefix="quality-") as work:
+        write_instance_images(os.path.join(work, "instance"))
+        write_class_images(models["fp32"], os.path.join(work, "class"))
+        base_samples = {"fp32": draw_samples(models["fp32"], probe)}
+        before = {"fp32": figures(judge, base_samples["fp32"], base_samples["fp32"], probe)}
+        strips = [("base: wpg circle", base_samples["fp32"].fidelity), ("base: a circle", base_samples["fp32"].klass)]
+        files = {}
+
+        def emit(label: str, precision: str, after: Figures) -> None:
+            b = before[precision]
+            line = {"run": label, "precision": precision, **dataclasses.asdict(after),
+                    "fidelity_before": b.fidelity, "unrelated_before": b.unrelated}
+            lines.append(line)
+            say(f"| {label} | {b.fidelity:.0%} → {after.fidelity:.0%} | {b.class_character:.0%} → "
+                  f"{after.class_character:.0%} | {after.class_tv:.2f} | {after.class_moved:.1f} | "
+                  f"{b.unrelated:.0%} → {after.unrelated:.0%} |")
+
+        for row in (PRESET_ROWS if args.rows == "presets" else ROWS):
+            if row.precision not in models:
+                models[row.precision] = base_model.load(dtype=getattr(torch, {"bf16": "bfloat16"}[row.precision]))
+                base_samples[row.precision] = draw_samples(models[row.precision], probe)
+                before[row.precision] = figures(judge, base_samples[row.precision], base_samples[row.precision], probe)
+            run = train_and_sample(models[row.precision], row, work, probe)
+            files[row] = run.path
+            emit(row.label + " (in process)", row.precision, figures(judge, run.samples, base_samples[row.precision], probe))
+            if row in (PRESET_ROWS[0], PRESET_ROWS[-1]):
+                strips += [(f"{row.label}: wpg circle", run.samples.fidelity), (f"{row.label}: a circle", run.samples.klass)]
+        for row, multipliers in A1111_OF:
+            for multiplier in multipliers:
+                with applied_like_a1111(models["fp32"], files[row], multiplier):
+                    samples = draw_samples(models["fp32"], probe)
+                emit(f"{row.label} file, A1111 @ {multiplier:g}", "fp32", figures(judge, samples, base_samples["fp32"], probe))
+
+    elapsed = time.time() - started
+    say("")
+    say(f"{elapsed / 60:.1f} min on {os.cpu_count()} cores; reproduce with: {command}")
+    os.makedirs(args.out, exist_ok=True)
+    suffix = ("" if args.rows == "all" else f"_{args.rows}") + ("" if args.first_seed == 1_000 else f"_seed{args.first_seed}")
+    stem = os.path.join(args.out, "quality_table" + suffix)
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump({"command": command, "minutes": round(elapsed / 60, 1), "judge_accuracy": accuracy,
+                   "base_adherence": adherence, "probe": dataclasses.asdict(probe), "runs": lines}, f, indent=2)
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write("\n".join(report) + "\n")
+    picture_strip(strips).save(stem + "_samples.png")
+    print(f"wrote {stem}.md, {stem}.json and {stem}_samples.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
