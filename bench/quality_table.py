@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     adherence = base_adherence(models["fp32"], judge, seeds=8)
     say(f"base model prompt adherence (24 prompts × 8 seeds, DPM++ 2M 20 steps CFG 5): {adherence:.1%}")
 
-    header = (f"| run | fidelity before → after | class: character | class: TV distance | grid 'moved' % "
-              f"| unrelated adherence before → after |\n|---|---|---|---|---|---|")
+    header = ("| run | fidelity before → after | class: character | class: TV distance | grid 'moved' % "
+              "| unrelated adherence before → after |\n|---|---|---|---|---|---|")
     say("")
     say(header)
     with tempfile.TemporaryDirectory(prefix="quality-") as work:
