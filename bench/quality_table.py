@@ -48,6 +48,13 @@ def base_adherence(model, judge, seeds: int) -> float:
     return judging.read(judge, pictures).adherence(things)
 
 
+def orange_circle_floor(model, judge, seeds: int) -> float:
+    """How often the judge calls the base model's own orange circles the character: the
+    fidelity a LoRA would score that only painted circles orange."""
+    pictures = sampling.sample(make_backend(model), ["a orange circle"] * seeds, [9_000 + i for i in range(seeds)])
+    return judging.read(judge, pictures).fraction_character()
+
+
 def picture_strip(rows: list[tuple[str, torch.Tensor]], count: int = 8) -> Image.Image:
     """One row of ``count`` pictures per label, 2× enlarged, labels in a column on the left."""
     from PIL import ImageDraw
@@ -89,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"judge, held-out {kind} pictures: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     adherence = base_adherence(models["fp32"], judge, seeds=8)
     say(f"base model prompt adherence (24 prompts × 8 seeds, DPM++ 2M 20 steps CFG 5): {adherence:.1%}")
+    floor = orange_circle_floor(models["fp32"], judge, args.seeds)
+    say(f"judge on the base model's 'a orange circle' pictures ({args.seeds} seeds): {floor:.0%} called the character "
+        f"(the fidelity of a LoRA that only paints circles orange)")
 
     header = ("| run | fidelity before → after | class: character | class: TV distance | grid 'moved' % "
               "| unrelated adherence before → after |\n|---|---|---|---|---|---|")
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = os.path.join(args.out, "quality_table" + suffix)
     with open(stem + ".json", "w", encoding="utf-8") as f:
         json.dump({"command": command, "minutes": round(elapsed / 60, 1), "judge_accuracy": accuracy,
-                   "base_adherence": adherence, "probe": dataclasses.asdict(probe), "runs": lines}, f, indent=2)
+                   "base_adherence": adherence, "orange_circle_floor": floor, "probe": dataclasses.asdict(probe), "runs": lines}, f, indent=2)
     with open(stem + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(report) + "\n")
     picture_strip(strips).save(stem + "_samples.png")
