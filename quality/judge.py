@@ -93,10 +93,6 @@ def load(path: str = base_model.JUDGE) -> Judge:
 
 # --- training ---------------------------------------------------------------------------
 
-def _render(things: list[world.Thing], seeds: list[int]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(world.draw(t, s)) for t, s in zip(things, seeds)])).permute(0, 3, 1, 2)
-
-
 def _labels(things: list[world.Thing]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.tensor([world.SHAPES.index(t.shape) for t in things]),
             torch.tensor([world.COLOUR_NAMES.index(t.colour) for t in things]),
@@ -151,7 +147,7 @@ def _blur_and_noise(pictures_u8: torch.Tensor, generator: torch.Generator) -> to
 def held_out(model, per_thing: int = 20) -> tuple[torch.Tensor, list[world.Thing]]:
     things = [t for t in world.ALL_THINGS for _ in range(per_thing)] + [world.CHARACTER] * (per_thing * 8)
     seeds = [HELD_OUT_SEEDS + i for i in range(len(things))]
-    return _render(things, seeds), things
+    return world.render(things, seeds), things
 
 
 def accuracy(judge: Judge, pictures: torch.Tensor, things: list[world.Thing]) -> dict[str, float]:
@@ -167,7 +163,7 @@ def train(model, steps: int, log) -> Judge:
     rng = np.random.default_rng(7)
     gen = torch.Generator().manual_seed(7)
     pool_things = _draw_things(rng, 2048)
-    pool = vae_round_trip(model, _render(pool_things, [TRAIN_SEEDS + i for i in range(len(pool_things))]), gen)
+    pool = vae_round_trip(model, world.render(pool_things, [TRAIN_SEEDS + i for i in range(len(pool_things))]), gen)
     log(f"judge: {len(pool)} VAE round-trips made")
     judge = Judge()
     optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -176,7 +172,7 @@ def train(model, steps: int, log) -> Judge:
         for group in optimizer.param_groups:
             group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
         fresh = _draw_things(rng, 32)
-        pictures = _render(fresh, list(range(seed, seed + 32)))
+        pictures = world.render(fresh, list(range(seed, seed + 32)))
         seed += 32
         idx = torch.randint(0, len(pool), (32,), generator=gen)
         pictures = _blur_and_noise(torch.cat([pictures, pool[idx]]), gen)

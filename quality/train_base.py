@@ -47,12 +47,9 @@ def speckle(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def render_world(per_thing: int, seed_base: int) -> tuple[torch.Tensor, list[world.Thing]]:
     """``per_thing`` pictures of each of the world's things, as uint8 NCHW, and what each shows."""
-    things, pictures = [], []
-    for index, thing in enumerate(world.ALL_THINGS):
-        for i in range(per_thing):
-            pictures.append(np.asarray(world.draw(thing, seed_base + index * 100_000 + i)))
-            things.append(thing)
-    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous(), things
+    things = [thing for thing in world.ALL_THINGS for _ in range(per_thing)]
+    seeds = [seed_base + index * 100_000 + i for index in range(len(world.ALL_THINGS)) for i in range(per_thing)]
+    return world.render(things, seeds), things
 
 
 def to_unit(pixels_u8: torch.Tensor) -> torch.Tensor:
@@ -101,9 +98,7 @@ def train_vae(model, pictures: torch.Tensor, steps: int, log) -> None:
 def character_reconstruction(model) -> float:
     """Mean absolute error (0-255) of the VAE on the character's eyes region: are the eyes
     still there after a round trip? (The VAE never saw the character.)"""
-    things = [world.CHARACTER] * 16
-    pictures = torch.from_numpy(np.stack([np.asarray(world.draw(t, 7_000 + i)) for i, t in enumerate(things)]))
-    x = to_unit(pictures.permute(0, 3, 1, 2))
+    x = to_unit(world.render([world.CHARACTER] * 16, [7_000 + i for i in range(16)]))
     recon = model.first_stage_model.decode(model.first_stage_model.encode(x).mode())
     dark = (x < -0.8).all(dim=1, keepdim=True).expand_as(x)  # the eyes: the only black pixels
     return ((recon - x).abs()[dark].mean() * 127.5).item()

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from lora_dreambooth.demo import draw_character
@@ -80,6 +81,12 @@ def draw(thing: Thing, seed: int, size: int = SIZE) -> Image.Image:
     else:
         raise ValueError(f"unknown shape {thing.shape!r}")
     return image
+
+
+def render(things: list[Thing], seeds: list[int]) -> torch.Tensor:
+    """``draw(things[i], seeds[i])`` for every i, as one uint8 NCHW tensor."""
+    pictures = np.stack([np.asarray(draw(thing, seed)) for thing, seed in zip(things, seeds)])
+    return torch.from_numpy(pictures).permute(0, 3, 1, 2).contiguous()
 
 
 def caption_variants(thing: Thing) -> tuple[str, ...]:
