@@ -48,7 +48,7 @@ class Probe:
     """How many pictures a run is read from."""
 
     seeds: int = 64            # of ``wpg circle`` and of ``a circle``
-    unrelated_seeds: int = 4   # of each of the 18 unrelated things
+    unrelated_seeds: int = 4   # of each of the 18 unrelated things (0: none)
     first_seed: int = 1_000    # sampling seeds count up from here (class images use 0…count-1)
 
 
@@ -65,7 +65,7 @@ class Figures:
     class_character: float    # a circle judged the character
     class_tv: float           # a circle (shape, colour) distribution vs the base model's
     class_moved: float        # the contamination grid's "moved" % for a circle, mean over seeds
-    unrelated: float          # adherence on the other shapes' prompts
+    unrelated: float          # adherence on the other shapes' prompts (nan: none sampled)
 
 
 def low_precision(model: torch.nn.Module) -> Optional[torch.dtype]:
@@ -94,7 +94,7 @@ def figures(judge: judging.Judge, samples: Samples, base: Samples, probe: Probe)
         class_character=klass.fraction_character(),
         class_tv=judging.total_variation(judging.read(judge, base.klass).distribution(), klass.distribution()),
         class_moved=float(np.mean(moved)),
-        unrelated=judging.read(judge, samples.unrelated).adherence(unrelated))
+        unrelated=judging.read(judge, samples.unrelated).adherence(unrelated) if unrelated else float("nan"))
 
 
 def _pil(picture_u8: torch.Tensor) -> Image.Image:
@@ -135,6 +135,7 @@ class Row:
     precision: str = "fp32"
     regularization: Optional[float] = None  # None: the preset's
     steps: Optional[int] = None             # None: the preset's
+    learning_rate: Optional[float] = None   # None: the preset's
 
     @property
     def label(self) -> str:
@@ -143,6 +144,8 @@ class Row:
             parts.append(f"reg {self.regularization:g}")
         if self.steps is not None:
             parts.append(f"{self.steps} steps")
+        if self.learning_rate is not None:
+            parts.append(f"lr {self.learning_rate:g}")
         parts += ["TE" if self.text_encoder else "", "pivotal" if self.pivotal else "",
                   self.precision if self.precision != "fp32" else ""]
         return " · ".join(p for p in parts if p)
@@ -152,11 +155,8 @@ class Row:
             trigger=TRIGGER, name=name, instance_dir=instance_dir, class_dir=class_dir, class_prompt=CLASS,
             network=self.network, train_text_encoder=self.text_encoder, pivotal=self.pivotal,
             precision="auto", resolution=world.SIZE, seed=1, overwrite=True), self.preset)
-        changes = {}
-        if self.regularization is not None:
-            changes["regularization"] = self.regularization
-        if self.steps is not None:
-            changes["steps"] = self.steps
+        changes = {name: getattr(self, name) for name in ("regularization", "steps", "learning_rate")
+                   if getattr(self, name) is not None}
         return dataclasses.replace(config, **changes)
 
 

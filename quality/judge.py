@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--checkpoint", default=base_model.CHECKPOINT)
     parser.add_argument("--out", default=base_model.JUDGE)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     started = time.time()
 
     def log(message: str) -> None:

@@ -2,15 +2,19 @@
 fixed seeds: first the VAE, then the UNet together with the text encoder. Writes
 ``quality/model/shapes-sd1.safetensors`` + ``.yaml`` and the CLIP folder they name.
 
-The VAE learns to reconstruct the world's pictures, most of them speckled with small random
-dots and strokes of any colour so that it reconstructs small details in general (the
-character's eyes among them) without ever seeing the character. It trains on whole pictures
+The VAE learns to reconstruct the world's pictures, each speckled with small random dots and
+strokes of any colour so that it reconstructs small details in general (the character's eyes
+among them) without ever seeing the character; its loss weighs every pixel by how much it
+differs from its neighbourhood, or the few pixels of a dot drown in the picture's flat areas
+(with plain pixel losses it never learnt to draw them: error 114 of 255 on the eyes after
+3000 steps, against 34 after 500 with the weighting). It trains on whole pictures
 (not crops: its GroupNorms normalise over the whole picture, and a VAE trained on crops
 washes out backgrounds and small details of whole ones). After it, the checkpoint is written
 once (VAE final, UNet untrained) so the judge can start.
 The latent scale factor is 1/std of the latents, as SD's 0.18215 was chosen. The UNet and
 the text encoder then learn the world's captions (10% empty, for classifier-free guidance)
-with the model's own noise schedule, and their exponential moving average is saved.
+with the model's own noise schedule and min-SNR-5 weighting (the extension's own
+``objective.min_snr_weights``), and their exponential moving average is saved.
 """
 from __future__ import annotations
 
@@ -22,22 +26,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusers import DDPMScheduler
+
+from lora_dreambooth.objective import min_snr_weights
+
 from . import base_model, world
 
 SEED = 14
 
 
 def speckle(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """1-5 small dots or short strokes of random colours (30% black) on an HWC uint8 picture."""
+    """2-6 small dots or short strokes of random colours (half of them black) on an HWC uint8 picture."""
     from PIL import Image, ImageDraw
 
     picture = Image.fromarray(image)
     canvas = ImageDraw.Draw(picture)
-    for _ in range(int(rng.integers(1, 6))):
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3) * (rng.random() > 0.3))  # 30% black
+    for _ in range(int(rng.integers(2, 7))):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3) * (rng.random() > 0.5))  # half black
         x, y = rng.uniform(4, world.SIZE - 4, 2)
         r = rng.uniform(1.5, 4.5)
-        if rng.random() < 0.6:
+        if rng.random() < 0.7:
             canvas.ellipse((x - r, y - r, x + r, y + r), fill=colour)
         else:
             dx, dy = rng.uniform(-10, 10, 2)
@@ -60,11 +68,20 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
+def detail_weights(x: torch.Tensor) -> torch.Tensor:
+    """1 + 20 × how far each pixel is from the mean of its 5×5 neighbourhood: flat areas weigh
+    1, a dot's pixels about 10."""
+    blurred = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+    return 1 + 20 * (x - blurred).abs().mean(1, keepdim=True)
+
+
 def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L1 + L2 on pixels and L1 on their differences to the neighbours (keeps small details
-    such as dots sharp, where pixel losses alone let them fade into their surroundings)."""
+    """Detail-weighted L1 + L2 on pixels, plus L1 + L2 and L1 on the differences to the
+    neighbours (edges) unweighted."""
     (ry, rx), (xy, xx) = _edges(recon), _edges(x)
-    return F.l1_loss(recon, x) + F.mse_loss(recon, x) + F.l1_loss(ry, xy) + F.l1_loss(rx, xx)
+    weights = detail_weights(x)
+    weighted = (weights * ((recon - x).abs() + (recon - x) ** 2)).mean() / weights.mean()
+    return (weighted + F.l1_loss(recon, x) + F.mse_loss(recon, x) + F.l1_loss(ry, xy) + F.l1_loss(rx, xx))
 
 
 def train_vae(model, pictures: torch.Tensor, steps: int, log) -> None:
@@ -81,7 +98,7 @@ def train_vae(model, pictures: torch.Tensor, steps: int, log) -> None:
             group["lr"] = lr
         idx = torch.randint(0, len(pictures), (12,), generator=gen)
         batch = pictures[idx].permute(0, 2, 3, 1).numpy()
-        batch = np.stack([speckle(p, rng) if rng.random() < 0.7 else p for p in batch])
+        batch = np.stack([speckle(p, rng) for p in batch])
         x = to_unit(torch.from_numpy(batch).permute(0, 3, 1, 2))
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample())
@@ -126,6 +143,7 @@ def train_unet(model, moments: torch.Tensor, things: list[world.Thing], steps: i
                                    {"params": list(text.parameters()), "lr": 5e-4}], weight_decay=0.0)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     alphas = model.alphas_cumprod.float()
+    scheduler = DDPMScheduler(trained_betas=model.betas.float().numpy())
     rng = np.random.default_rng(SEED + 1)
     gen = torch.Generator().manual_seed(SEED + 1)
     started = time.time()
@@ -142,7 +160,8 @@ def train_unet(model, moments: torch.Tensor, things: list[world.Thing], steps: i
         noise = torch.randn(latents.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        loss = F.mse_loss(model.apply_model(noisy, t, context), noise)
+        per_sample = F.mse_loss(model.apply_model(noisy, t, context), noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(scheduler, t, 5.0, "eps")).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
