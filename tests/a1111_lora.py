@@ -151,8 +151,9 @@ def apply_weight(base: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -
 
 def assert_a1111_exact(adapters, tensors: dict[str, torch.Tensor]) -> None:
     """Each adapted layer's output equals the base layer run with A1111's merged weight
-    W + delta (delta computed from the file tensors), to 1e-4 of the adapter's contribution,
-    which must be more than 1e-3 of the base output."""
+    W + delta (delta computed from the file tensors), to 1e-4 of the adapter's contribution
+    plus float32 rounding of the base output (1e-6 of it: the merged weight is summed in fp32),
+    the contribution being more than 1e-3 of the base output."""
     gen = torch.Generator().manual_seed(1)
     for layer in adapters.layers:
         x = probe(layer.base, gen)
@@ -163,5 +164,6 @@ def assert_a1111_exact(adapters, tensors: dict[str, torch.Tensor]) -> None:
             merged = apply_weight(layer.base, x, layer.base.weight + delta)
         contribution = (adapted - base_out).norm()
         assert contribution > 1e-3 * base_out.norm(), f"{layer.target.path}: adapter has no effect"
+        allowed = 1e-4 * contribution + 1e-6 * base_out.norm()
         err = ((adapted - merged).norm() / contribution).item()
-        assert err <= 1e-4, f"{adapters.network} {layer.target.path}: relative error {err:.2e}"
+        assert (adapted - merged).norm() <= allowed, f"{adapters.network} {layer.target.path}: relative error {err:.2e}"
