@@ -73,6 +73,13 @@ def low_precision(model: torch.nn.Module) -> Optional[torch.dtype]:
     return None if dtype == torch.float32 else dtype
 
 
+def draw_fidelity_samples(model: torch.nn.Module, probe: Probe) -> torch.Tensor:
+    """The ``wpg circle`` pictures alone (what fidelity is read from)."""
+    seeds = [probe.first_seed + i for i in range(probe.seeds)]
+    with torch_compat.autocast("cpu", low_precision(model)):
+        return sampling.sample(make_backend(model), [FIDELITY_PROMPT] * len(seeds), seeds)
+
+
 def draw_samples(model: torch.nn.Module, probe: Probe) -> Samples:
     """The pictures a run is read from, with whatever adapters ``model`` holds now."""
     backend = make_backend(model)
@@ -80,7 +87,7 @@ def draw_samples(model: torch.nn.Module, probe: Probe) -> Samples:
     unrelated = [t for t in UNRELATED for _ in range(probe.unrelated_seeds)]
     with torch_compat.autocast("cpu", low_precision(model)):
         return Samples(
-            sampling.sample(backend, [FIDELITY_PROMPT] * len(seeds), seeds),
+            draw_fidelity_samples(model, probe),
             sampling.sample(backend, [CLASS_EVAL_PROMPT] * len(seeds), seeds),
             sampling.sample(backend, [t.caption for t in unrelated], [probe.first_seed + i for i in range(len(unrelated))]))
 
