@@ -82,12 +82,13 @@ def draw_fidelity_samples(model: torch.nn.Module, probe: Probe) -> torch.Tensor:
 
 def draw_samples(model: torch.nn.Module, probe: Probe) -> Samples:
     """The pictures a run is read from, with whatever adapters ``model`` holds now."""
+    fidelity = draw_fidelity_samples(model, probe)
     backend = make_backend(model)
     seeds = [probe.first_seed + i for i in range(probe.seeds)]
     unrelated = [t for t in UNRELATED for _ in range(probe.unrelated_seeds)]
     with torch_compat.autocast("cpu", low_precision(model)):
         return Samples(
-            draw_fidelity_samples(model, probe),
+            fidelity,
             sampling.sample(backend, [CLASS_EVAL_PROMPT] * len(seeds), seeds),
             sampling.sample(backend, [t.caption for t in unrelated], [probe.first_seed + i for i in range(len(unrelated))]))
 

@@ -76,12 +76,12 @@ def detail_weights(x: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Detail-weighted L1 + L2 on pixels, plus L1 + L2 and L1 on the differences to the
-    neighbours (edges) unweighted."""
+    """L1 + L2 on pixels weighted by ``detail_weights``, plus the same unweighted and L1 on
+    the differences to the neighbours (edges)."""
     (ry, rx), (xy, xx) = _edges(recon), _edges(x)
     weights = detail_weights(x)
     weighted = (weights * ((recon - x).abs() + (recon - x) ** 2)).mean() / weights.mean()
-    return (weighted + F.l1_loss(recon, x) + F.mse_loss(recon, x) + F.l1_loss(ry, xy) + F.l1_loss(rx, xx))
+    return weighted + F.l1_loss(recon, x) + F.mse_loss(recon, x) + F.l1_loss(ry, xy) + F.l1_loss(rx, xx)
 
 
 def train_vae(model, pictures: torch.Tensor, steps: int, log) -> None:
