@@ -144,6 +144,7 @@ class Row:
     regularization: Optional[float] = None  # None: the preset's
     steps: Optional[int] = None             # None: the preset's
     learning_rate: Optional[float] = None   # None: the preset's
+    batch_size: Optional[int] = None        # None: the preset's
 
     @property
     def label(self) -> str:
@@ -154,6 +155,8 @@ class Row:
             parts.append(f"{self.steps} steps")
         if self.learning_rate is not None:
             parts.append(f"lr {self.learning_rate:g}")
+        if self.batch_size is not None:
+            parts.append(f"batch {self.batch_size}")
         parts += ["TE" if self.text_encoder else "", "pivotal" if self.pivotal else "",
                   self.precision if self.precision != "fp32" else ""]
         return " · ".join(p for p in parts if p)
@@ -163,7 +166,7 @@ class Row:
             trigger=TRIGGER, name=name, instance_dir=instance_dir, class_dir=class_dir, class_prompt=CLASS,
             network=self.network, train_text_encoder=self.text_encoder, pivotal=self.pivotal,
             precision="auto", resolution=world.SIZE, seed=1, overwrite=True), self.preset)
-        changes = {name: getattr(self, name) for name in ("regularization", "steps", "learning_rate")
+        changes = {name: getattr(self, name) for name in ("regularization", "steps", "learning_rate", "batch_size")
                    if getattr(self, name) is not None}
         return dataclasses.replace(config, **changes)
 

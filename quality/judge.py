@@ -1,8 +1,11 @@
 """The judge: a small classifier that reads a picture of the world and says its shape, its
-colour and whether it shows the character (the orange disc with eyes).
+colour and whether it shows the character (the orange disc with two eyes in place).
 
 It trains on freshly rendered pictures and on pictures passed through the base model's VAE
 (encode, sample, decode), with blur and noise, so it reads the base model's own samples.
+Decoys (``world.draw_decoy``: one eye, three, a bar, eyes too low, random dots) are labelled
+"not the character": without them it called 90% of such discs the character, and a LoRA that
+only learned "dark marks on an orange disc" scored as if it had learned the subject.
 ``python -m quality.judge`` trains it, prints its accuracy on held-out rendered and
 VAE-reconstructed pictures, and writes ``quality/model/judge.safetensors``.
 """
@@ -100,7 +103,8 @@ def _labels(things: list[world.Thing]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def _draw_things(rng: np.random.Generator, n: int) -> list[world.Thing]:
-    """40% the character, 15% orange circles (its nearest neighbour), the rest any thing."""
+    """40% the character, 15% orange circles (its nearest neighbour), the rest any thing;
+    then a fifth of the things that are not the character become decoys."""
     out = []
     for u in rng.random(n):
         if u < 0.4:
@@ -109,7 +113,8 @@ def _draw_things(rng: np.random.Generator, n: int) -> list[world.Thing]:
             out.append(world.Thing("circle", "orange"))
         else:
             out.append(world.ALL_THINGS[int(rng.integers(len(world.ALL_THINGS)))])
-    return out
+    decoy = rng.random(n) < 0.2
+    return [world.DECOY if d and not t.character else t for t, d in zip(out, decoy)]
 
 
 @torch.no_grad()
@@ -145,17 +150,22 @@ def _blur_and_noise(pictures_u8: torch.Tensor, generator: torch.Generator) -> to
 
 
 def held_out(model, per_thing: int = 20) -> tuple[torch.Tensor, list[world.Thing]]:
-    things = [t for t in world.ALL_THINGS for _ in range(per_thing)] + [world.CHARACTER] * (per_thing * 8)
+    things = ([t for t in world.ALL_THINGS for _ in range(per_thing)] + [world.CHARACTER] * (per_thing * 8)
+              + [world.DECOY] * (per_thing * 10))
     seeds = [HELD_OUT_SEEDS + i for i in range(len(things))]
     return world.render(things, seeds), things
 
 
 def accuracy(judge: Judge, pictures: torch.Tensor, things: list[world.Thing]) -> dict[str, float]:
+    """Shape, colour and character right, over all pictures; and the share of decoys that
+    were called the character (the false positive that matters for fidelity)."""
     v = read(judge, pictures)
     character = torch.tensor([t.character for t in things])
+    decoy = torch.tensor([t.decoy for t in things])
     return {"shape": float(np.mean([s == t.shape for s, t in zip(v.shapes, things)])),
             "colour": float(np.mean([c == t.colour for c, t in zip(v.colours, things)])),
-            "character": (v.character == character).float().mean().item()}
+            "character": (v.character == character).float().mean().item(),
+            "decoys called character": v.character[decoy].float().mean().item()}
 
 
 def train(model, steps: int, log) -> Judge:

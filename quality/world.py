@@ -4,7 +4,9 @@ captions ("a red circle"). The DreamBooth subject is the demo's character
 draws: its circles, orange ones included, have no eyes.
 
 Shapes and the character share size and position jitter and the background palette, so
-telling the character from an orange circle comes down to the eyes, as it should.
+telling the character from an orange circle comes down to the eyes, as it should. Decoys
+(orange discs with the wrong marks: one eye, three, a bar, eyes too low, random dots) are drawn
+for the judge alone, so that "the character" means two eyes in place, not any dark mark.
 """
 from __future__ import annotations
 
@@ -32,11 +34,12 @@ COLOUR_NAMES = tuple(COLOURS)
 
 @dataclass(frozen=True)
 class Thing:
-    """What a picture shows: a shape in a colour, or the character."""
+    """What a picture shows: a shape in a colour, the character, or a decoy of it."""
 
     shape: str
     colour: str
     character: bool = False
+    decoy: bool = False
 
     @property
     def caption(self) -> str:
@@ -44,6 +47,7 @@ class Thing:
 
 
 CHARACTER = Thing("circle", "orange", character=True)
+DECOY = Thing("circle", "orange", decoy=True)  # the character's disc with the wrong marks
 ALL_THINGS = tuple(Thing(s, c) for s in SHAPES for c in COLOUR_NAMES)
 
 
@@ -63,6 +67,8 @@ def draw(thing: Thing, seed: int, size: int = SIZE) -> Image.Image:
     positions are drawn like ``draw_character``'s."""
     if thing.character:
         return draw_character(seed, size)
+    if thing.decoy:
+        return draw_decoy(seed, size)
     rng = np.random.default_rng(seed)
     image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(150, 255, 3)))
     canvas = ImageDraw.Draw(image)
@@ -80,6 +86,37 @@ def draw(thing: Thing, seed: int, size: int = SIZE) -> Image.Image:
         canvas.polygon(_polygon(cx, cy, r * 1.15, 5, 0.0, inner=0.45), fill=fill)
     else:
         raise ValueError(f"unknown shape {thing.shape!r}")
+    return image
+
+
+def draw_decoy(seed: int, size: int = SIZE) -> Image.Image:
+    """The character's disc with marks that are not its two eyes; ``seed % 5`` picks one eye,
+    three eyes, both eyes smeared into a bar, both eyes too low, or 3-6 random dark dots."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(150, 255, 3)))
+    canvas = ImageDraw.Draw(image)
+    r = size * rng.uniform(0.25, 0.35)
+    cx, cy = size / 2 + rng.uniform(-6, 6), size / 2 + rng.uniform(-6, 6)
+    canvas.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS["orange"])
+
+    def dot(x: float, y: float, radius: float = 3) -> None:
+        canvas.ellipse((x - radius, y - radius, x + radius, y + radius), fill=(0, 0, 0))
+
+    eye_y, kind = cy - r / 4, seed % 5
+    if kind == 0:
+        dot(cx + (r / 3 if rng.random() < 0.5 else -r / 3), eye_y)
+    elif kind == 1:
+        for k in (-1, 0, 1):
+            dot(cx + k * r / 2.5, eye_y)
+    elif kind == 2:
+        canvas.ellipse((cx - r / 3 - 3, eye_y - 3, cx + r / 3 + 3, eye_y + 3), fill=(0, 0, 0))
+    elif kind == 3:
+        for dx in (-r / 3, r / 3):
+            dot(cx + dx, cy + r / 3)
+    else:
+        for _ in range(int(rng.integers(3, 7))):
+            angle, distance = rng.uniform(0, 2 * math.pi), rng.uniform(0, r - 4)
+            dot(cx + distance * math.cos(angle), cy + distance * math.sin(angle), rng.uniform(2, 4))
     return image
 
 

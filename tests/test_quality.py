@@ -2,37 +2,49 @@
 meet when training is broken — a LoRA with no effect, a class that drifts to the subject, a
 file that does not carry what was trained — fails here.
 
-Two runs through ``train_lora`` as the tab calls it (the Dedicated preset at learning rate
-1e-3, four pictures of the character, pivotal tuning), one without and one with prior
-preservation (regularization 1.0, class images drawn by the base model), read by the judge on
-pictures sampled as previews are (DPM++ 2M, 20 steps, CFG 5). The two runs differ in nothing
-but the class half of the loss.
+Two runs through ``train_lora`` as the tab calls it (four pictures of the character, LoCon,
+100 steps of batch 16 at learning rate 2e-3), one without and one with prior preservation
+(regularization 1.0, class images drawn by the base model), read by the judge on pictures
+sampled as previews are (DPM++ 2M, 20 steps, CFG 5). The two runs differ in nothing but the
+class half of the loss.
 
-Learning rate 1e-3 instead of the preset's 5e-4: in 200 steps the preset learns this world's
-subject (two eyes smaller than one latent cell) only partly (about 28%), too close to the
-sampling noise of 32 seeds for a test; at 1e-3 it is about 40% without and 60% with prior
-preservation. Pivotal tuning, because in this world the trigger ``wpg`` is a token the base
-model's text encoder never learned: without a trained embedding the subject binds to the class
-word and prior preservation has little to separate (bench/results/quality_table.md).
-Thresholds sit well inside what ``bench/quality_table.py`` measures with more samples."""
+Not the Dedicated preset itself (LoRA, 200 steps of batch 2 at 5e-4): in this world even full
+fine-tuning of the whole UNet reaches only about 10% in 200 steps of batch 2
+(``bench/quality_budget.py``), the subject's two eyes being smaller than one latent cell and
+new to the base model. LoCon, because the ResBlock convolutions carry this subject (full
+fine-tuning of the attention blocks alone learns nothing in 800 steps). Batch 16, because on
+this CPU a step's cost is mostly fixed: 1600 samples in 100 steps take the time of 300 steps
+of batch 2, and learn the subject (75% without, 34% with prior preservation, 32 seeds).
+Thresholds sit well inside what was measured (README, *Training quality*)."""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from quality import base_model, judge as judging
 from quality.dreambooth import (Probe, Row, applied_like_a1111, draw_fidelity_samples, draw_samples, figures,
                                 train_and_sample, write_class_images, write_instance_images)
 
 PROBE = Probe(seeds=32, unrelated_seeds=0)  # the unrelated prompts are the table's (no assertion here)
-DEDICATED = Row(preset="Dedicated", pivotal=True, learning_rate=1e-3)
-PRESERVED = Row(preset="Dedicated", pivotal=True, learning_rate=1e-3, regularization=1.0)
+DEDICATED = Row(network="locon", steps=100, batch_size=16, learning_rate=2e-3)
+PRESERVED = Row(network="locon", steps=100, batch_size=16, learning_rate=2e-3, regularization=1.0)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))  # batch 16 trains faster on both cores
+    try:
+        return _train_and_read(str(tmp_path_factory.mktemp("quality")))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_read(work: str):
     model = base_model.load()
     judge = judging.load()
-    work = str(tmp_path_factory.mktemp("quality"))
     write_instance_images(f"{work}/instance")
     write_class_images(model, f"{work}/class")
     base = draw_samples(model, PROBE)
@@ -53,12 +65,12 @@ def test_before_training_the_trigger_does_not_draw_the_character(runs):
 
 def test_training_learns_the_subject(runs):
     read, _ = runs
-    assert read["dedicated"].fidelity >= read["base"].fidelity + 0.2, read
+    assert read["dedicated"].fidelity >= read["base"].fidelity + 0.4, read
 
 
 def test_the_written_file_applied_as_a1111_does_draws_what_was_trained(runs):
     read, samples = runs
-    assert read["file_fidelity"] >= read["base"].fidelity + 0.2, read
+    assert read["file_fidelity"] >= read["base"].fidelity + 0.4, read
     trained = samples["dedicated"].float()
     from_file = samples["file"].float()
     # Same seeds: the file's pictures are the in-process adapter's up to the fp16 rounding of
@@ -72,4 +84,4 @@ def test_prior_preservation_keeps_the_class_and_still_learns(runs):
     assert dedicated.class_character >= base.class_character + 0.2, read  # the contamination
     assert preserved.class_character <= dedicated.class_character - 0.2, read
     assert preserved.class_tv < dedicated.class_tv, read
-    assert preserved.fidelity >= base.fidelity + 0.2, read
+    assert preserved.fidelity >= base.fidelity + 0.15, read  # it learns, if less in the same steps
