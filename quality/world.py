@@ -62,6 +62,17 @@ def _polygon(cx: float, cy: float, r: float, corners: int, rotation: float, inne
     return points
 
 
+def _placed(seed: int, size: int) -> tuple[Image.Image, ImageDraw.ImageDraw, np.random.Generator,
+                                            tuple[float, float, float]]:
+    """A pastel background and a jittered centre and radius, drawn from ``seed`` in
+    ``draw_character``'s order; the generator is returned for what the picture draws next."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(150, 255, 3)))
+    r = size * rng.uniform(0.25, 0.35)
+    cx, cy = size / 2 + rng.uniform(-6, 6), size / 2 + rng.uniform(-6, 6)
+    return image, ImageDraw.Draw(image), rng, (cx, cy, r)
+
+
 def draw(thing: Thing, seed: int, size: int = SIZE) -> Image.Image:
     """One picture of ``thing``; the same seed gives the same picture. Backgrounds, sizes and
     positions are drawn like ``draw_character``'s."""
@@ -69,11 +80,7 @@ def draw(thing: Thing, seed: int, size: int = SIZE) -> Image.Image:
         return draw_character(seed, size)
     if thing.decoy:
         return draw_decoy(seed, size)
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(150, 255, 3)))
-    canvas = ImageDraw.Draw(image)
-    r = size * rng.uniform(0.25, 0.35)
-    cx, cy = size / 2 + rng.uniform(-6, 6), size / 2 + rng.uniform(-6, 6)
+    image, canvas, rng, (cx, cy, r) = _placed(seed, size)
     fill = COLOURS[thing.colour]
     if thing.shape == "circle":
         canvas.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -92,11 +99,7 @@ def draw(thing: Thing, seed: int, size: int = SIZE) -> Image.Image:
 def draw_decoy(seed: int, size: int = SIZE) -> Image.Image:
     """The character's disc with marks that are not its two eyes; ``seed % 5`` picks one eye,
     three eyes, both eyes smeared into a bar, both eyes too low, or 3-6 random dark dots."""
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(150, 255, 3)))
-    canvas = ImageDraw.Draw(image)
-    r = size * rng.uniform(0.25, 0.35)
-    cx, cy = size / 2 + rng.uniform(-6, 6), size / 2 + rng.uniform(-6, 6)
+    image, canvas, rng, (cx, cy, r) = _placed(seed, size)
     canvas.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS["orange"])
 
     def dot(x: float, y: float, radius: float = 3) -> None:
