@@ -25,8 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from quality import base_model, judge as judging  # noqa: E402
-from quality.dreambooth import (Probe, Row, draw_samples, figures, train_and_sample,  # noqa: E402
-                                write_class_images, write_instance_images)
+from quality.dreambooth import Probe, Row, figures, prepare_task, train_and_sample  # noqa: E402
 
 ROW_FIELDS = {f.name for f in dataclasses.fields(Row)}
 
@@ -57,15 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     probe = Probe(args.seeds, args.unrelated_seeds)
     model, judge = base_model.load(), judging.load()
     with tempfile.TemporaryDirectory(prefix="quality-runs-") as work:
-        instance_dir = write_instance_images(os.path.join(work, "instance"))
-        class_dir = write_class_images(model, os.path.join(work, "class"), args.class_images)
-        base = draw_samples(model, probe)
+        base = prepare_task(model, work, probe, args.class_images)
         before = figures(judge, base, base, probe)
         print(f"{args.seeds} seeds, {args.unrelated_seeds} per unrelated prompt, {args.class_images} class images; "
               f"base: fidelity {before.fidelity:.0%}, unrelated {before.unrelated:.0%}", flush=True)
         for text, (row, changes) in zip(args.runs, runs):
             started = time.time()
-            config = dataclasses.replace(row.config(instance_dir, class_dir, name="run"), **changes)
+            config = dataclasses.replace(row.config(os.path.join(work, "instance"), os.path.join(work, "class"), name="run"),
+                                         **changes)
             after = figures(judge, train_and_sample(model, row, work, probe, config).samples, base, probe)
             print(f"{text}: fidelity {after.fidelity:.0%}, class drift {after.class_character:.0%}, "
                   f"TV {after.class_tv:.2f}, unrelated {after.unrelated:.0%} ({time.time() - started:.0f} s)", flush=True)

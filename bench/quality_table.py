@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 from quality import base_model, judge as judging, world  # noqa: E402
 from quality.dreambooth import (Figures, Probe, Row, Samples, applied_like_a1111, draw_samples, figures,  # noqa: E402
-                                train_and_sample, write_class_images, write_instance_images)
+                                prepare_task, train_and_sample)
 from quality import sampling  # noqa: E402
 from lora_dreambooth.model import make_backend  # noqa: E402
 
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     say("")
     say(header)
     with tempfile.TemporaryDirectory(prefix="quality-") as work:
-        write_instance_images(os.path.join(work, "instance"))
-        write_class_images(models["fp32"], os.path.join(work, "class"))
-        base_samples = {"fp32": draw_samples(models["fp32"], probe)}
+        base_samples = {"fp32": prepare_task(models["fp32"], work, probe)}
         before = {"fp32": figures(judge, base_samples["fp32"], base_samples["fp32"], probe)}
         strips = strips_of("base", base_samples["fp32"], probe.unrelated_seeds)
         files = {}

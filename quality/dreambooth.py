@@ -130,6 +130,14 @@ def write_class_images(model: torch.nn.Module, folder: str, count: int = CLASS_I
     return folder
 
 
+def prepare_task(model: torch.nn.Module, work: str, probe: Probe, class_images: int = CLASS_IMAGE_COUNT) -> Samples:
+    """The task's pictures under ``work`` (``instance/``, and ``class/`` drawn by ``model``, where
+    ``train_and_sample`` reads them) and the base model's samples every run is read against."""
+    write_instance_images(os.path.join(work, "instance"))
+    write_class_images(model, os.path.join(work, "class"), class_images)
+    return draw_samples(model, probe)
+
+
 # --- one run ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

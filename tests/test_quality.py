@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from quality import base_model, judge as judging
-from quality.dreambooth import (Probe, Row, applied_like_a1111, draw_fidelity_samples, draw_samples, figures,
-                                train_and_sample, write_class_images, write_instance_images)
+from quality.dreambooth import (Probe, Row, applied_like_a1111, draw_fidelity_samples, figures, prepare_task,
+                                train_and_sample)
 
 PROBE = Probe(seeds=32, unrelated_seeds=0)  # the unrelated prompts are the table's (no assertion here)
 DEDICATED = Row(network="locon", steps=100, batch_size=16, learning_rate=2e-3)
@@ -45,9 +45,7 @@ def runs(tmp_path_factory):
 def _train_and_read(work: str):
     model = base_model.load()
     judge = judging.load()
-    write_instance_images(f"{work}/instance")
-    write_class_images(model, f"{work}/class")
-    base = draw_samples(model, PROBE)
+    base = prepare_task(model, work, PROBE)
     dedicated = train_and_sample(model, DEDICATED, work, PROBE)
     with applied_like_a1111(model, dedicated.path, 1.0):
         from_file = draw_fidelity_samples(model, PROBE)
